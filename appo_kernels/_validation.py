@@ -1,0 +1,91 @@
+"""Argument checks shared by every public op (SPEC section 4).
+
+Each helper raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong shape,
+device or value) with a message naming the argument, what was expected and what was given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def check_tensor(name: str, x: object) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_dtype(name: str, x: torch.Tensor, allowed: Sequence[torch.dtype], what: str) -> None:
+    if x.dtype not in allowed:
+        raise TypeError(f"{name} must be {what} ({', '.join(map(str, allowed))}), got {x.dtype}")
+
+
+def check_float(name: str, x: object, allowed: Sequence[torch.dtype] = FLOAT_DTYPES) -> torch.Tensor:
+    x = check_tensor(name, x)
+    check_dtype(name, x, allowed, "a floating tensor")
+    return x
+
+
+def check_int(name: str, x: object) -> torch.Tensor:
+    x = check_tensor(name, x)
+    check_dtype(name, x, INT_DTYPES, "an integer tensor")
+    return x
+
+
+def check_mask(name: str, x: object) -> torch.Tensor:
+    """A {0, 1} mask: bool, integer or floating. Returned as given; callers convert."""
+    x = check_tensor(name, x)
+    if x.is_complex():
+        raise TypeError(f"{name} must be a bool, integer or floating tensor, got {x.dtype}")
+    return x
+
+
+def check_ndim(name: str, x: torch.Tensor, ndim: int, layout: str) -> None:
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(x.shape)}")
+
+
+def check_shape(name: str, x: torch.Tensor, shape: Sequence[int], ref: str) -> None:
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} (as {ref}), got {tuple(x.shape)}")
+
+
+def check_same_device(named: dict[str, torch.Tensor]) -> torch.device:
+    items = [(n, t) for n, t in named.items() if t is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(
+                f"{name} is on {t.device} but {first_name} is on {first.device}; "
+                "all tensors must be on one device"
+            )
+    return first.device
+
+
+def check_positive(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not value > 0 or value != value or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return float(value)
+
+
+def check_gamma(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {value}")
+    return float(value)
+
+
+def check_nonneg(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    return float(value)
