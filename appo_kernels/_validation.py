@@ -89,3 +89,12 @@ def check_nonneg(name: str, value: object) -> float:
     if not value >= 0 or value == float("inf"):
         raise ValueError(f"{name} must be a finite number >= 0, got {value}")
     return float(value)
+
+
+def check_count(name: str, value: object, minimum: int = 0) -> int:
+    """A Python int (not bool) >= ``minimum``: sizes, counts, indices."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    return value
