@@ -98,3 +98,14 @@ def check_count(name: str, value: object, minimum: int = 0) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
     return value
+
+
+def check_index_range(name: str, x: torch.Tensor, upper: int, ignore_index: int) -> None:
+    """Every id of ``x`` in ``[0, upper)`` or equal to ``ignore_index`` (one reduction, a host
+    sync; the offending value is fetched only on failure)."""
+    bad = ((x < 0) | (x >= upper)) & (x != ignore_index)
+    if bool(bad.any()):
+        raise ValueError(
+            f"{name} must hold ids in [0, {upper}) or ignore_index={ignore_index}, "
+            f"got {x[bad][0].item()}"
+        )
