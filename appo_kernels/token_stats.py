@@ -98,7 +98,7 @@ def _row_view(logits: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 if HAS_TRITON:
-    NEG_INF: tl.constexpr = float("-inf")
+    NEG_INF = tl.constexpr(float("-inf"))
 
     @triton.jit
     def _row_offset(row, T1, stride_outer, stride_inner):
