@@ -100,6 +100,15 @@ def check_count(name: str, value: object, minimum: int = 0) -> int:
     return value
 
 
+def check_fraction(name: str, value: object) -> float:
+    """A real number in [0, 1): clip ranges, probabilities of leaving something out."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+    return float(value)
+
+
 def check_index_range(name: str, x: torch.Tensor, upper: int, ignore_index: int) -> None:
     """Every id of ``x`` in ``[0, upper)`` or equal to ``ignore_index`` (one reduction, a host
     sync; the offending value is fetched only on failure)."""

@@ -1,0 +1,246 @@
+"""Branching Score of every token (SPEC section 2.3): uncertainty times continuation gain.
+
+Per row, over its valid positions (mask nonzero):
+
+    z(v)_t = (v_t - mean(v)) / (std(v) + 1e-6)      population std; z = 0 at invalid positions
+    BS_t   = z(H)_t * z(Omega)_t                     at valid positions, -inf elsewhere
+
+with H the token entropy and Omega the future value (``appo_kernels.future_value``). The mean and
+variance are two-pass (mean first, then the sum of squared deviations), which stays accurate when
+the spread is small next to the mean. A row with one valid position has std 0, so z = 0 and
+BS = 0 there; a row with none is all -inf. NaN at a valid position makes that row's scores NaN.
+
+``branching_score`` = ``token_stats_forward`` on the logits + one row kernel for the rest (two
+launches on the Triton path).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from appo_kernels._backend import use_triton
+from appo_kernels._validation import (
+    check_float,
+    check_fraction,
+    check_gamma,
+    check_mask,
+    check_ndim,
+    check_same_device,
+    check_shape,
+)
+from appo_kernels.discounted_future_sum import block_size, rows_last_dim_contiguous, valid_mask
+from appo_kernels.future_value import (
+    check_log_ratio_inputs,
+    future_value_block,
+    future_value_torch,
+    load_log_ratio,
+)
+from appo_kernels.token_stats import token_stats_forward
+
+STD_EPS = tl.constexpr(1e-6)
+
+
+class BranchingScore(NamedTuple):
+    """Per-token outputs, each float32 [B, T]."""
+
+    score: torch.Tensor  # z(H) * z(Omega) at valid positions, -inf elsewhere
+    entropy: torch.Tensor  # H
+    logprob: torch.Tensor  # log-prob of the sampled token under the current policy
+    future_value: torch.Tensor  # Omega
+    z_entropy: torch.Tensor  # z(H), 0 at invalid positions
+    z_future: torch.Tensor  # z(Omega), 0 at invalid positions
+
+
+@triton.jit
+def _branching_score_kernel(
+    entropy_ptr, logprob_ptr, behavior_ptr, mask_ptr,
+    score_ptr, omega_ptr, z_entropy_ptr, z_omega_ptr, T,
+    stride_entropy, stride_logprob, stride_behavior, stride_mask, stride_out, gamma, clip,
+    BLOCK: tl.constexpr,
+):
+    """One program per row, three passes over the row (see the module doc):
+
+    1. blocks from the end: Omega by the reverse scan (stored), sums of H and Omega, valid count;
+    2. sums of squared deviations from the means;
+    3. z-scores and the score.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    entropy_ptr += row * stride_entropy
+    logprob_ptr += row * stride_logprob
+    behavior_ptr += row * stride_behavior
+    mask_ptr += row * stride_mask
+    score_ptr += row * stride_out
+    omega_ptr += row * stride_out
+    z_entropy_ptr += row * stride_out
+    z_omega_ptr += row * stride_out
+    num_blocks = tl.cdiv(T, BLOCK)
+
+    carry = tl.zeros((), tl.float32)
+    sum_entropy = tl.zeros((BLOCK,), tl.float32)
+    sum_omega = tl.zeros((BLOCK,), tl.float32)
+    count = tl.zeros((BLOCK,), tl.int32)
+    for i in range(num_blocks):
+        offs = (num_blocks - 1 - i) * BLOCK + tl.arange(0, BLOCK)
+        in_row = offs < T
+        log_ratio, valid = load_log_ratio(logprob_ptr, behavior_ptr, mask_ptr, offs, in_row)
+        omega, carry = future_value_block(log_ratio, gamma, clip, carry)
+        tl.store(omega_ptr + offs, omega, mask=in_row)
+        entropy = tl.load(entropy_ptr + offs, mask=in_row, other=0).to(tl.float32)
+        sum_entropy += tl.where(valid, entropy, 0.0)
+        sum_omega += tl.where(valid, omega, 0.0)
+        count += valid.to(tl.int32)
+    n = tl.maximum(tl.sum(count, axis=0), 1).to(tl.float32)
+    mean_entropy = tl.sum(sum_entropy, axis=0) / n
+    mean_omega = tl.sum(sum_omega, axis=0) / n
+    tl.debug_barrier()  # pass 2 reads Omega that other threads of this program stored
+
+    sq_entropy = tl.zeros((BLOCK,), tl.float32)
+    sq_omega = tl.zeros((BLOCK,), tl.float32)
+    for start in range(0, T, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        in_row = offs < T
+        valid = tl.load(mask_ptr + offs, mask=in_row, other=0) != 0
+        entropy = tl.load(entropy_ptr + offs, mask=in_row, other=0).to(tl.float32)
+        omega = tl.load(omega_ptr + offs, mask=in_row, other=0)
+        sq_entropy += tl.where(valid, (entropy - mean_entropy) * (entropy - mean_entropy), 0.0)
+        sq_omega += tl.where(valid, (omega - mean_omega) * (omega - mean_omega), 0.0)
+    scale_entropy = tl.sqrt(tl.sum(sq_entropy, axis=0) / n) + STD_EPS
+    scale_omega = tl.sqrt(tl.sum(sq_omega, axis=0) / n) + STD_EPS
+
+    for start in range(0, T, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        in_row = offs < T
+        valid = tl.load(mask_ptr + offs, mask=in_row, other=0) != 0
+        entropy = tl.load(entropy_ptr + offs, mask=in_row, other=0).to(tl.float32)
+        omega = tl.load(omega_ptr + offs, mask=in_row, other=0)
+        z_entropy = tl.where(valid, (entropy - mean_entropy) / scale_entropy, 0.0)
+        z_omega = tl.where(valid, (omega - mean_omega) / scale_omega, 0.0)
+        tl.store(z_entropy_ptr + offs, z_entropy, mask=in_row)
+        tl.store(z_omega_ptr + offs, z_omega, mask=in_row)
+        tl.store(score_ptr + offs, tl.where(valid, z_entropy * z_omega, float("-inf")), mask=in_row)
+
+
+def _row_z_score(values: torch.Tensor, mask: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """PyTorch path of z(v): two-pass mean / population std over each row's valid positions."""
+    mean = torch.where(mask, values, 0.0).sum(dim=-1, keepdim=True) / count
+    deviation = torch.where(mask, values - mean, 0.0)
+    std = (deviation.square().sum(dim=-1, keepdim=True) / count).sqrt()
+    return torch.where(mask, deviation / (std + STD_EPS.value), 0.0)
+
+
+@torch.library.custom_op("appo_kernels::branching_score_from_stats", mutates_args=())
+def _branching_score_op(
+    entropy: torch.Tensor,
+    logprob: torch.Tensor,
+    behavior_logprob: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float,
+    clip: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (score, future_value, z_entropy, z_future)."""
+    if not use_triton(entropy.device):
+        omega = future_value_torch(logprob, behavior_logprob, mask, gamma, clip)
+        count = mask.sum(dim=-1, keepdim=True).clamp(min=1)
+        z_entropy = _row_z_score(entropy.float(), mask, count)
+        z_omega = _row_z_score(omega, mask, count)
+        score = torch.where(mask, z_entropy * z_omega, float("-inf"))
+        return score, omega, z_entropy, z_omega
+    B, T = entropy.shape
+    score, omega, z_entropy, z_omega = (
+        torch.empty((B, T), dtype=torch.float32, device=entropy.device) for _ in range(4)
+    )
+    if B > 0 and T > 0:
+        inputs = map(rows_last_dim_contiguous, (entropy, logprob, behavior_logprob, mask))
+        entropy, logprob, behavior_logprob, mask = inputs
+        _branching_score_kernel[(B,)](
+            entropy, logprob, behavior_logprob, mask, score, omega, z_entropy, z_omega, T,
+            entropy.stride(0), logprob.stride(0), behavior_logprob.stride(0), mask.stride(0),
+            score.stride(0), gamma, clip,
+            BLOCK=block_size(T),
+        )
+    return score, omega, z_entropy, z_omega
+
+
+@_branching_score_op.register_fake
+def _(entropy, logprob, behavior_logprob, mask, gamma, clip):
+    return tuple(entropy.new_empty(entropy.shape, dtype=torch.float32) for _ in range(4))
+
+
+def branching_score_from_stats(
+    entropy: torch.Tensor,
+    logprob: torch.Tensor,
+    behavior_logprob: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    gamma: float = 1.0,
+    clip: float = 0.2,
+) -> BranchingScore:
+    """Branching Score from per-token statistics already at hand (e.g. ``token_stats``).
+
+    Args:
+        entropy: [B, T] float, entropy of the current policy at each position.
+        logprob: [B, T] float, log-prob of the sampled token under the current policy.
+        behavior_logprob: [B, T] float, its log-prob under the policy that sampled the rollout.
+        mask: [B, T] bool/integer/floating; nonzero marks a valid (response) position.
+        gamma, clip: discount in (0, 1] and clip epsilon in [0, 1) of the future value.
+
+    Returns:
+        ``BranchingScore`` of float32 [B, T] tensors; ``entropy`` and ``logprob`` are the inputs
+        as float32. Not differentiable: scores rank positions, they are computed from detached
+        inputs.
+    """
+    gamma, clip = check_log_ratio_inputs(logprob, behavior_logprob, mask, gamma, clip)
+    check_float("entropy", entropy)
+    check_shape("entropy", entropy, logprob.shape, "logprob")
+    check_same_device(
+        {"entropy": entropy, "logprob": logprob, "behavior_logprob": behavior_logprob, "mask": mask}
+    )
+    entropy, logprob = entropy.detach(), logprob.detach()
+    score, omega, z_entropy, z_omega = _branching_score_op(
+        entropy, logprob, behavior_logprob.detach(), valid_mask(mask.detach()), gamma, clip
+    )
+    return BranchingScore(score, entropy.float(), logprob.float(), omega, z_entropy, z_omega)
+
+
+def branching_score(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    behavior_logprob: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    gamma: float = 1.0,
+    clip: float = 0.2,
+    ignore_index: int = -100,
+) -> BranchingScore:
+    """Branching Score straight from logits: exact full-vocabulary entropy and log-probs by
+    ``token_stats_forward`` (one streaming pass over the vocabulary), then the per-row score
+    kernel.
+
+    Args:
+        logits: [B, T, V] float16/bfloat16/float32 (last dim contiguous), logits that produced
+            position t's token ``tokens[:, t]``.
+        tokens: [B, T] integer sampled tokens; ``ignore_index`` (logprob 0) is allowed, e.g. at
+            padding.
+        behavior_logprob, mask, gamma, clip: as in ``branching_score_from_stats``.
+        temperature: sampling temperature > 0 applied to the logits.
+        ignore_index: token id that marks positions without a token (logprob 0 there).
+    """
+    check_float("logits", logits)
+    check_ndim("logits", logits, 3, "[B, T, V]")
+    check_float("behavior_logprob", behavior_logprob)
+    check_shape("behavior_logprob", behavior_logprob, logits.shape[:2], "logits.shape[:2]")
+    check_mask("mask", mask)
+    check_shape("mask", mask, logits.shape[:2], "logits.shape[:2]")
+    check_same_device({"logits": logits, "behavior_logprob": behavior_logprob, "mask": mask})
+    check_gamma("gamma", gamma)
+    check_fraction("clip", clip)
+    # token_stats_forward checks tokens and temperature; it records nothing for autograd.
+    stats = token_stats_forward(logits, tokens, temperature=temperature, ignore_index=ignore_index)
+    return branching_score_from_stats(
+        stats.entropy, stats.logprob, behavior_logprob, mask, gamma=gamma, clip=clip
+    )

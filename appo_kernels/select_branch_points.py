@@ -1,0 +1,241 @@
+"""Branch-point selection per prompt group (SPEC section 2.4).
+
+A position (b, t) is a candidate when ``candidates[b, t]`` is set and ``score[b, t]`` is neither
+-inf nor NaN. Within group g (the rows b with ``group_ids[b] == g``), candidates are ranked by
+
+    (tier desc, score desc, b asc, t asc),   tier = 1 if ``preferred[b, t]`` else 0
+
+(``preferred=None``: one tier). The group takes the first ``budget`` of that ranking; a group with
+fewer candidates repeats its ranking from the top until ``budget`` slots are filled (rank order);
+a group with none gets row = position = -1 and score = -inf in every slot. -0.0 ranks as +0.0.
+
+The Triton kernel packs the ranking into one sortable int64 per position,
+
+    key = tier << 62 | (ordered score bits + 2^31) << 30 | (2^30 - 1 - (b * T + t))
+
+(``ordered score bits`` = the float32's bit pattern made monotone as a signed int32), so each of
+the ``budget`` rounds of a group is one arg-max over the keys below the previous pick. That needs
+``B * T <= 2^30`` positions.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from appo_kernels._backend import use_triton
+from appo_kernels._validation import (
+    check_count,
+    check_dtype,
+    check_float,
+    check_int,
+    check_ndim,
+    check_same_device,
+    check_shape,
+    check_tensor,
+)
+from appo_kernels.discounted_future_sum import block_size, rows_last_dim_contiguous
+
+INDEX_BITS = tl.constexpr(30)
+INDEX_MASK = tl.constexpr((1 << 30) - 1)  # also the largest flat index b * T + t
+TIER_BIT = tl.constexpr(1 << 62)
+
+
+class BranchPoints(NamedTuple):
+    """Chosen branch points, each [G, budget]: slot j of group g is its j-th pick."""
+
+    rows: torch.Tensor  # int64 row of ``score``; -1 when the group has no candidate
+    positions: torch.Tensor  # int64 position in that row; -1 when the group has no candidate
+    scores: torch.Tensor  # float32 score at the pick; -inf when the group has no candidate
+
+
+@triton.jit
+def _rank_keys(score_ptr, candidates_ptr, preferred_ptr, row, T, offs, HAS_PREFERRED: tl.constexpr):
+    """Packed ranking key of positions ``offs`` of ``row`` (module doc); -1 for non-candidates."""
+    in_row = offs < T
+    score = tl.load(score_ptr + offs, mask=in_row, other=float("-inf")).to(tl.float32)
+    allowed = tl.load(candidates_ptr + offs, mask=in_row, other=0) != 0
+    is_candidate = allowed & (score > float("-inf"))  # NaN compares false
+    score = tl.where(score == 0.0, 0.0, score)  # -0.0 ranks as +0.0
+    bits = score.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64) + 2147483648
+    reversed_index = INDEX_MASK - (row * T + offs)
+    key = (ordered << INDEX_BITS) | reversed_index
+    if HAS_PREFERRED:
+        preferred = tl.load(preferred_ptr + offs, mask=in_row, other=0) != 0
+        key = tl.where(preferred, key | TIER_BIT, key)
+    return tl.where(is_candidate, key, -1)
+
+
+@triton.jit
+def _select_branch_points_kernel(
+    score_ptr, candidates_ptr, preferred_ptr, group_ids_ptr, rows_ptr, positions_ptr, scores_ptr,
+    B, T, stride_score, stride_candidates, stride_preferred, budget,
+    HAS_PREFERRED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program per group, ``budget`` rounds. Round j takes the largest key below the previous
+    pick over the group's rows; when none is left it wraps to the group's first pick, so short
+    groups repeat their ranking in order."""
+    group = tl.program_id(0)
+    out = group.to(tl.int64) * budget
+    previous = tl.full((), 0x7FFFFFFFFFFFFFFF, tl.int64)
+    first = tl.full((), -1, tl.int64)
+    for slot in range(budget):
+        best = tl.full((), -1, tl.int64)
+        for row in range(B):
+            if tl.load(group_ids_ptr + row) == group:
+                r = tl.cast(row, tl.int64)
+                for start in range(0, T, BLOCK):
+                    keys = _rank_keys(
+                        score_ptr + r * stride_score,
+                        candidates_ptr + r * stride_candidates,
+                        preferred_ptr + r * stride_preferred,
+                        r, T, start + tl.arange(0, BLOCK), HAS_PREFERRED,
+                    )
+                    best = tl.maximum(best, tl.max(tl.where(keys < previous, keys, -1), axis=0))
+        if best < 0:
+            best = first
+        if slot == 0:
+            first = best
+        previous = best
+        flat = INDEX_MASK - (best & INDEX_MASK)
+        pick_row = tl.where(best < 0, -1, flat // T)
+        pick_position = tl.where(best < 0, -1, flat % T)
+        pick_score = tl.load(
+            score_ptr + pick_row * stride_score + pick_position, mask=best >= 0, other=float("-inf")
+        ).to(tl.float32)
+        tl.store(rows_ptr + out + slot, pick_row)
+        tl.store(positions_ptr + out + slot, pick_position)
+        tl.store(scores_ptr + out + slot, pick_score)
+
+
+def _select_torch(score, candidates, preferred, group_ids, num_groups, budget):
+    """PyTorch path: stable sorts from the last ranking key to the first, then per-group slots."""
+    is_candidate = candidates & (score > float("-inf"))
+    rows, positions = is_candidate.nonzero(as_tuple=True)  # (row, position) ascending
+    values = score[rows, positions].float()
+    order = torch.arange(rows.numel(), device=score.device)
+    keys = [(values, True)]
+    if preferred is not None:
+        keys.append((preferred[rows, positions].to(torch.int8), True))
+    keys.append((group_ids[rows], False))
+    for key, descending in keys:
+        order = order[torch.sort(key[order], stable=True, descending=descending).indices]
+    rows, positions, values = rows[order], positions[order], values[order]
+    groups = group_ids[rows]
+
+    # Slot j of a group with n candidates takes its pick j % n; an empty group takes a sentinel
+    # appended after the ranking.
+    counts = torch.bincount(groups, minlength=num_groups)
+    starts = counts.cumsum(0) - counts
+    slots = torch.arange(budget, device=score.device)
+    picks = starts[:, None] + slots[None, :] % counts.clamp(min=1)[:, None]
+    picks = torch.where(counts[:, None] > 0, picks, rows.numel())
+    sentinel = torch.tensor([-1], device=score.device)
+    return (
+        torch.cat([rows, sentinel])[picks],
+        torch.cat([positions, sentinel])[picks],
+        torch.cat([values, sentinel.float() * float("inf")])[picks],
+    )
+
+
+@torch.library.custom_op("appo_kernels::select_branch_points", mutates_args=())
+def _select_branch_points_op(
+    score: torch.Tensor,
+    candidates: torch.Tensor,
+    preferred: torch.Tensor | None,
+    group_ids: torch.Tensor,
+    num_groups: int,
+    budget: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``num_groups = -1``: ``group_ids.max() + 1`` (0 for an empty batch)."""
+    B, T = score.shape
+    if B > 0:
+        low, high = group_ids.min().item(), group_ids.max().item()
+        if num_groups < 0:
+            num_groups = high + 1
+        if low < 0 or high >= num_groups:
+            raise ValueError(
+                f"group_ids must lie in [0, num_groups={num_groups}), got values in [{low}, {high}]"
+            )
+    num_groups = max(num_groups, 0)
+    group_ids = group_ids.long()
+    if not use_triton(score.device):
+        return _select_torch(score, candidates, preferred, group_ids, num_groups, budget)
+    rows = torch.empty((num_groups, budget), dtype=torch.int64, device=score.device)
+    positions = torch.empty_like(rows)
+    scores = torch.empty((num_groups, budget), dtype=torch.float32, device=score.device)
+    if num_groups == 0:
+        return rows, positions, scores
+    score, candidates = rows_last_dim_contiguous(score), rows_last_dim_contiguous(candidates)
+    if preferred is not None:
+        preferred = rows_last_dim_contiguous(preferred)
+    _select_branch_points_kernel[(num_groups,)](
+        score, candidates, preferred if preferred is not None else candidates, group_ids,
+        rows, positions, scores, B, T, score.stride(0), candidates.stride(0),
+        preferred.stride(0) if preferred is not None else 0, budget,
+        HAS_PREFERRED=preferred is not None, BLOCK=block_size(T),
+    )
+    return rows, positions, scores
+
+
+@_select_branch_points_op.register_fake
+def _(score, candidates, preferred, group_ids, num_groups, budget):
+    if num_groups < 0:
+        num_groups = torch.library.get_ctx().new_dynamic_size()
+    rows = score.new_empty((num_groups, budget), dtype=torch.int64)
+    return rows, torch.empty_like(rows), score.new_empty((num_groups, budget), dtype=torch.float32)
+
+
+def select_branch_points(
+    score: torch.Tensor,
+    candidates: torch.Tensor,
+    group_ids: torch.Tensor,
+    budget: int,
+    *,
+    preferred: torch.Tensor | None = None,
+    num_groups: int | None = None,
+) -> BranchPoints:
+    """Top-``budget`` branch points of each prompt group (module doc has the exact ranking).
+
+    Args:
+        score: [B, T] float branching scores (e.g. ``BranchingScore.score``); -inf/NaN positions
+            are never chosen.
+        candidates: [B, T] bool, positions the caller allows (response tokens that are not tool
+            output, padding or whitespace).
+        group_ids: [B] integer prompt group of each row, in [0, num_groups). Rows of a group need
+            not be contiguous.
+        budget: int >= 1, branch points per group.
+        preferred: [B, T] bool or None; preferred candidates (e.g. ``z_entropy > 0`` and
+            ``z_future > 0``) rank before all others. None: a single tier.
+        num_groups: G; default ``group_ids.max() + 1`` (reads group_ids on the host; pass it to
+            avoid that sync and to give ``torch.compile`` a static shape).
+
+    Returns:
+        ``BranchPoints(rows, positions, scores)``, each [G, budget] (int64, int64, float32).
+    """
+    check_float("score", score)
+    check_ndim("score", score, 2, "[B, T]")
+    check_tensor("candidates", candidates)
+    check_dtype("candidates", candidates, (torch.bool,), "a bool tensor")
+    check_shape("candidates", candidates, score.shape, "score")
+    if preferred is not None:
+        check_tensor("preferred", preferred)
+        check_dtype("preferred", preferred, (torch.bool,), "a bool tensor or None")
+        check_shape("preferred", preferred, score.shape, "score")
+    check_int("group_ids", group_ids)
+    check_shape("group_ids", group_ids, score.shape[:1], "score.shape[:1]")
+    check_same_device(
+        {"score": score, "candidates": candidates, "preferred": preferred, "group_ids": group_ids}
+    )
+    budget = check_count("budget", budget, minimum=1)
+    num_groups = -1 if num_groups is None else check_count("num_groups", num_groups)
+    if score.numel() > INDEX_MASK.value + 1:
+        raise ValueError(f"score must have at most 2^30 positions, got {score.numel()}")
+    rows, positions, scores = _select_branch_points_op(
+        score.detach(), candidates, preferred, group_ids, num_groups, budget
+    )
+    return BranchPoints(rows, positions, scores)
