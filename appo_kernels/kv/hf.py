@@ -1,0 +1,372 @@
+"""Run a transformers causal LM (Llama / Qwen2 families) on the paged KV cache.
+
+``PagedCausalLM`` owns a :class:`~appo_kernels.kv.PagedKVCache` sized for the model and exposes
+the four steps a branching rollout needs -- ``prefill``, ``extend`` (ragged tool observations),
+``decode`` and ``fork`` -- each returning float32 logits at every sequence's new last token.
+Everything is inference only (``torch.no_grad``).
+
+How one step runs (``_step``), for a batch of sequences with ``past[b]`` cached tokens and
+``n[b] >= 1`` new tokens:
+
+- the new tokens are **left**-padded to ``q = max(n)`` columns, so every sequence's last token is
+  the last column (the LM head runs on that column only, ``logits_to_keep=1``);
+- slots for the new tokens are reserved in the cache, and ``length[b] = past[b] + n[b]``;
+- column ``i`` of row ``b`` holds the token at absolute position ``length[b] - q + i`` (the
+  ``position_ids``; padding columns are clamped to position 0);
+- each attention layer calls ``cache.update(k, v, layer)`` on a :class:`_PagedStep` (a
+  ``transformers.Cache``): it writes the new tokens' K/V at their slots, then
+
+  * **torch path** (any device, eager / sdpa attention): returns the batch's K/V gathered from
+    the blocks, ``[B, kv_heads, max(length), head_dim]``, together with a 4-D additive mask
+    that lets a query at position ``p`` see keys ``0..p`` of its own sequence (padding queries
+    see key 0 only, so no softmax row is empty);
+  * **flash path** (CUDA, fp16/bf16, ``block_size % 256 == 0`` as flash-attn 2 requires of
+    paged caches, ``flash_attn`` installed): attention reads the blocks in place through the
+    block table with ``flash_attn_with_kvcache`` -- nothing is gathered. Its causal mask is
+    bottom-right aligned (query ``i`` sees keys ``<= length[b] - q + i``), which is exactly the
+    left-padded layout above; padding queries see no key and come out as zeros.
+
+Position ids and masks follow from the cached lengths, so forked and truncated sequences need no
+special handling: to re-sample token ``t`` of a sequence, ``fork(sid, 1, at=t - 1)`` and
+``decode`` token ``t - 1``; the logits are those of a full forward over the first ``t`` tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import operator
+from collections.abc import Callable, Sequence
+
+import torch
+from transformers.cache_utils import Cache
+
+from appo_kernels.kv.cache import PagedKVCache
+from appo_kernels.kv.ops import gather_padded
+
+_FLASH_IMPLEMENTATION = "appo_paged_flash"
+
+
+def _load_flash_attn_with_kvcache() -> Callable | None:
+    try:
+        from flash_attn import flash_attn_with_kvcache
+    except ImportError:
+        return None
+    return flash_attn_with_kvcache
+
+
+def _flash_path_supported(device: torch.device, dtype: torch.dtype, block_size: int, head_dim: int) -> bool:
+    """Whether flash-attn 2's paged ``flash_attn_with_kvcache`` accepts this cache."""
+    return (
+        device.type == "cuda"
+        and dtype in (torch.float16, torch.bfloat16)
+        and block_size % 256 == 0
+        and head_dim <= 256
+    )
+
+
+class _PagedStep(Cache):
+    """The ``transformers.Cache`` of one forward step over a batch of paged sequences.
+
+    ``update`` stores the new tokens' K/V (``[B, kv_heads, q, head_dim]``, left-padded; ``valid``
+    marks the real tokens, whose slots are ``slots`` in row-major order). On the torch path it
+    returns the gathered K/V of the whole batch; on the flash path (``flash_attn`` set) it
+    returns its inputs unchanged and :func:`_paged_flash_attention` reads the blocks in place.
+    """
+
+    def __init__(
+        self,
+        cache: PagedKVCache,
+        slots: torch.Tensor,
+        valid: torch.Tensor,
+        lengths: torch.Tensor,
+        block_table: torch.Tensor,
+        flash_attn: Callable | None,
+    ) -> None:
+        super().__init__(layers=[])
+        self.cache = cache
+        self.slots = slots
+        self.valid = valid
+        self.lengths = lengths
+        self.max_length = int(lengths.max()) if lengths.numel() else 0
+        self.block_table = block_table
+        self.flash_attn = flash_attn
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = self.cache.dtype
+        new_keys = key_states.transpose(1, 2)[self.valid].to(dtype)  # [tokens, kv_heads, head_dim]
+        new_values = value_states.transpose(1, 2)[self.valid].to(dtype)
+        self.cache.write(layer_idx, new_keys, new_values, self.slots)
+        if self.flash_attn is not None:
+            return key_states, value_states
+        keys, values = gather_padded(
+            self.cache.key_cache[layer_idx],
+            self.cache.value_cache[layer_idx],
+            self.block_table,
+            self.lengths,
+            self.max_length,
+        )
+        return keys.to(key_states.dtype), values.to(value_states.dtype)
+
+
+def _paged_flash_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    paged_step: _PagedStep | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """An ``AttentionInterface`` function: ``softmax(q K^T * scaling + causal) V`` over the paged
+    cache of ``module.layer_idx`` (grouped-query heads handled by flash-attn), returning
+    ``[B, q, heads, head_dim]`` as transformers expects. ``key``/``value`` are already in the
+    cache (``_PagedStep.update`` wrote them)."""
+    if paged_step is None:
+        raise RuntimeError(f"attention {_FLASH_IMPLEMENTATION!r} only runs inside PagedCausalLM")
+    layer = module.layer_idx
+    output = paged_step.flash_attn(
+        query.transpose(1, 2),
+        paged_step.cache.key_cache[layer],
+        paged_step.cache.value_cache[layer],
+        cache_seqlens=paged_step.lengths.to(torch.int32),
+        block_table=paged_step.block_table,
+        softmax_scale=scaling,
+        causal=True,
+    )
+    return output, None
+
+
+@contextlib.contextmanager
+def _attention_implementation(config, name: str):
+    """Switches ``config``'s attention implementation to ``name`` for the duration of a step."""
+    previous = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+class PagedCausalLM:
+    """A transformers causal LM whose KV cache is a :class:`PagedKVCache` (prefix sharing,
+    copy-on-fork), driven one batched step at a time.
+
+    ``model``: a transformers causal LM of the Llama / Qwen2 families (full attention in every
+    layer; grouped-query attention is fine). The cache lives on the model's device with
+    ``num_blocks`` blocks of ``block_size`` tokens, in ``cache_dtype`` (default: the model's).
+    Sequence ids are the cache's.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        num_blocks: int,
+        block_size: int = 16,
+        cache_dtype: torch.dtype | None = None,
+    ) -> None:
+        config = getattr(model, "config", None)
+        if not isinstance(model, torch.nn.Module) or config is None:
+            raise TypeError(f"model must be a transformers causal LM, got {type(model).__name__}")
+        layer_types = getattr(config, "layer_types", None) or ()
+        if any(kind != "full_attention" for kind in layer_types):
+            raise ValueError(
+                f"model must use full attention in every layer, got layer_types {sorted(set(layer_types))}"
+            )
+        parameters = inspect.signature(model.forward).parameters
+        # transformers 5.24 renamed `past_key_values` to `cache`; older 5.x only know the former.
+        self._cache_argument = next(
+            (name for name in ("cache", "past_key_values") if name in parameters), None
+        )
+        if self._cache_argument is None:
+            raise TypeError(
+                f"model.forward of {type(model).__name__} takes neither `cache` nor `past_key_values`"
+            )
+        self._keeps_last_logits = "logits_to_keep" in parameters
+
+        weight = next(model.parameters())
+        num_heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+        self.model = model
+        self._dtype = weight.dtype
+        self.vocab_size = config.vocab_size
+        self.cache = PagedKVCache(
+            config.num_hidden_layers,
+            getattr(config, "num_key_value_heads", None) or num_heads,
+            head_dim,
+            num_blocks,
+            block_size=block_size,
+            dtype=weight.dtype if cache_dtype is None else cache_dtype,
+            device=weight.device,
+        )
+        self._flash_attn = None
+        if self.cache.dtype == weight.dtype and _flash_path_supported(
+            weight.device, self.cache.dtype, block_size, head_dim
+        ):
+            self._flash_attn = _load_flash_attn_with_kvcache()
+        if self._flash_attn is not None:
+            from transformers import AttentionInterface
+
+            AttentionInterface.register(_FLASH_IMPLEMENTATION, _paged_flash_attention)
+
+    # ------------------------------------------------------------------------------------------
+    # generation steps
+    # ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[list[int], torch.Tensor]:
+        """New sequences holding ``prompts`` (one batched forward). Returns their ids and the
+        float32 logits ``[B, V]`` at each prompt's last token."""
+        prompts = self._token_lists("prompts", prompts, None)
+        sids = [self.cache.new_sequence() for _ in prompts]
+        try:
+            return sids, self._step(sids, prompts)
+        except BaseException:
+            for sid in sids:
+                self.cache.free(sid)
+            raise
+
+    @torch.no_grad()
+    def extend(self, sids: Sequence[int], tokens: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Appends ``tokens[b]`` (>= 1 token each, lengths may differ) to sequence ``sids[b]``.
+        Returns the float32 logits ``[B, V]`` at each sequence's new last token."""
+        sids = self._sid_list(sids)
+        return self._step(sids, self._token_lists("tokens", tokens, len(sids)))
+
+    @torch.no_grad()
+    def decode(self, sids: Sequence[int], tokens: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """Appends one token per sequence (``tokens``: integer tensor ``[B]`` or list of ints).
+        Returns the float32 logits ``[B, V]`` that follow it."""
+        sids = self._sid_list(sids)
+        if isinstance(tokens, torch.Tensor):
+            if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+                raise TypeError(f"tokens must be an integer tensor, got {tokens.dtype}")
+            if tokens.dim() != 1:
+                raise ValueError(f"tokens must be 1-D [B], got shape {tuple(tokens.shape)}")
+            tokens = tokens.tolist()
+        elif isinstance(tokens, (str, bytes)) or not isinstance(tokens, Sequence):
+            raise TypeError(f"tokens must be a LongTensor [B] or a list of ints, got {type(tokens).__name__}")
+        return self._step(sids, self._token_lists("tokens", [[t] for t in tokens], len(sids)))
+
+    # ------------------------------------------------------------------------------------------
+    # sequence management (the cache's)
+    # ------------------------------------------------------------------------------------------
+    def fork(self, sid: int, n: int, at: int | None = None) -> list[int]:
+        """``n`` new sequences sharing ``sid``'s first ``at`` tokens (default: all)."""
+        return self.cache.fork(sid, n, at=at)
+
+    def truncate(self, sid: int, length: int) -> None:
+        """Keeps the first ``length`` tokens of ``sid``."""
+        self.cache.truncate(sid, length)
+
+    def free(self, sids: int | Sequence[int]) -> None:
+        """Releases one sequence or several."""
+        for sid in self._sid_list(sids):
+            self.cache.free(sid)
+
+    def seq_len(self, sid: int) -> int:
+        return self.cache.seq_len(sid)
+
+    # ------------------------------------------------------------------------------------------
+    # internals
+    # ------------------------------------------------------------------------------------------
+    def _sid_list(self, sids: int | Sequence[int]) -> list[int]:
+        if isinstance(sids, int) and not isinstance(sids, bool):
+            sids = [sids]
+        elif isinstance(sids, torch.Tensor):
+            sids = sids.tolist()
+        elif isinstance(sids, (str, bytes)) or not isinstance(sids, Sequence):
+            raise TypeError(f"sids must be a list of sequence ids, got {type(sids).__name__}")
+        sids = list(sids)
+        self.cache.block_table(sids)  # raises on unknown, repeated or non-int ids
+        return sids
+
+    def _token_lists(
+        self, name: str, tokens: Sequence[Sequence[int]], batch: int | None
+    ) -> list[list[int]]:
+        """Checks a batch of token-id lists: one non-empty list of ints in [0, vocab) per
+        sequence. Returns them as lists of Python ints."""
+        if isinstance(tokens, (str, bytes, torch.Tensor)) or not isinstance(tokens, Sequence):
+            raise TypeError(f"{name} must be a list of token-id lists, got {type(tokens).__name__}")
+        if batch is not None and len(tokens) != batch:
+            raise ValueError(f"{name} must hold one entry per sequence ({batch}), got {len(tokens)}")
+        lists = []
+        for row, ids in enumerate(tokens):
+            if isinstance(ids, torch.Tensor):
+                ids = ids.tolist() if ids.dim() == 1 and not ids.is_floating_point() else None
+            if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+                raise TypeError(f"{name}[{row}] must be a list of ints, got {type(tokens[row]).__name__}")
+            if len(ids) == 0:
+                raise ValueError(f"{name}[{row}] must hold at least one token, got none")
+            try:
+                if any(isinstance(t, bool) for t in ids):
+                    raise TypeError("bool is not a token id")
+                ids = [operator.index(t) for t in ids]
+            except TypeError as error:
+                raise TypeError(f"{name}[{row}] must hold ints: {error}") from None
+            low, high = min(ids), max(ids)
+            if low < 0 or high >= self.vocab_size:
+                raise ValueError(
+                    f"{name}[{row}] token ids must be in [0, {self.vocab_size}), got values in [{low}, {high}]"
+                )
+            lists.append(ids)
+        return lists
+
+    def _step(self, sids: list[int], tokens: list[list[int]]) -> torch.Tensor:
+        """One forward over the new ``tokens`` of ``sids`` (see the module docstring)."""
+        if not sids:
+            return torch.empty(0, self.vocab_size, dtype=torch.float32, device=self.cache.device)
+        past = [self.cache.seq_len(sid) for sid in sids]
+        counts = [len(ids) for ids in tokens]
+        slots = self.cache.reserve(sids, counts)
+        try:
+            return self._forward(sids, tokens, past, counts, slots)
+        except BaseException:
+            for sid, length in zip(sids, past):
+                self.cache.truncate(sid, length)
+            raise
+
+    def _forward(
+        self,
+        sids: list[int],
+        tokens: list[list[int]],
+        past: list[int],
+        counts: list[int],
+        slots: torch.Tensor,
+    ) -> torch.Tensor:
+        device = self.cache.device
+        q = max(counts)
+        input_ids = torch.tensor([[0] * (q - len(ids)) + ids for ids in tokens], device=device)
+        lengths = torch.tensor([p + n for p, n in zip(past, counts)], device=device)
+        columns = torch.arange(q, device=device)
+        positions = lengths[:, None] - q + columns  # [B, q]; < past + 0 marks padding
+        valid = columns >= q - torch.tensor(counts, device=device)[:, None]
+        positions = positions.clamp_min(0)
+        step = _PagedStep(
+            self.cache, slots, valid, lengths, self.cache.block_table(sids), self._flash_attn
+        )
+
+        inputs = {
+            "input_ids": input_ids,
+            "position_ids": positions,
+            self._cache_argument: step,
+            "use_cache": True,
+        }
+        if self._keeps_last_logits:
+            inputs["logits_to_keep"] = 1
+        if self._flash_attn is not None:
+            inputs["paged_step"] = step
+            with _attention_implementation(self.model.config, _FLASH_IMPLEMENTATION):
+                logits = self.model(**inputs).logits
+        else:
+            keys = torch.arange(step.max_length, device=device)
+            visible = keys[None, None, :] <= positions[:, :, None]  # [B, q, T]
+            mask = torch.zeros(visible.shape, dtype=self._dtype, device=device)
+            mask.masked_fill_(~visible, torch.finfo(mask.dtype).min)
+            inputs["attention_mask"] = mask[:, None]
+            logits = self.model(**inputs).logits
+        return logits[:, -1].float()
