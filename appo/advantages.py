@@ -78,13 +78,16 @@ def _validate(rewards, group_ids, is_branch, parent, split, response_mask) -> No
         raise ValueError(f"split of branch row {bad} must be in [0, {length}], got {int(split[bad])}")
 
 
-def group_normalized_rewards(rewards: torch.Tensor, group_ids: torch.Tensor, is_branch: torch.Tensor) -> torch.Tensor:
+def group_normalized_rewards(
+    rewards: torch.Tensor, group_ids: torch.Tensor, is_branch: torch.Tensor
+) -> torch.Tensor:
     """``Â_i`` per (group, kind), in float64: ``(R - mean) / (std_population + 1e-6)``."""
     keys = torch.stack([group_ids.long(), is_branch.long()], dim=1)
     _, set_of = torch.unique(keys, dim=0, return_inverse=True)
     num_sets = int(set_of.max()) + 1 if set_of.numel() else 0
     r = rewards.double()
-    count = torch.zeros(num_sets, dtype=torch.float64, device=r.device).index_add_(0, set_of, torch.ones_like(r))
+    count = torch.zeros(num_sets, dtype=torch.float64, device=r.device)
+    count.index_add_(0, set_of, torch.ones_like(r))
     mean = torch.zeros_like(count).index_add_(0, set_of, r) / count
     deviation = r - mean[set_of]
     variance = torch.zeros_like(count).index_add_(0, set_of, deviation * deviation) / count

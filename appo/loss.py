@@ -53,7 +53,9 @@ def _check_fraction(name: str, value: object) -> float:
     return value
 
 
-def _check_inputs(tensors: dict[str, torch.Tensor | None], mask: object, optional: tuple[str, ...] = ()) -> torch.Tensor:
+def _check_inputs(
+    tensors: dict[str, torch.Tensor | None], mask: object, optional: tuple[str, ...] = ()
+) -> torch.Tensor:
     """Float [B, T] tensors of one shape (the first one's) and a {0, 1} mask of that shape, on one
     device; names in ``optional`` may be None. Returns the mask as bool."""
     reference, first = next(iter(tensors.items()))
@@ -92,7 +94,8 @@ def future_likelihood_scale(
     ``logprob`` is detached here: the scale is a weight, not a path for gradients. Zero outside
     ``mask``. Computed in float32 (float64 inputs keep float64 outside the scan).
     """
-    valid = _check_inputs({"advantages": advantages, "logprob": logprob, "old_logprob": old_logprob}, mask)
+    tensors = {"advantages": advantages, "logprob": logprob, "old_logprob": old_logprob}
+    valid = _check_inputs(tensors, mask)
     c = check_positive("c", c)
     half_life = check_positive("half_life", half_life)
     clip = _check_fraction("clip", clip)
@@ -162,7 +165,8 @@ def policy_loss(
     count = valid_count.clamp_min(1) if num_tokens is None else check_positive("num_tokens", num_tokens)
 
     # Mask before any arithmetic, so padding values (even NaN / -inf) reach neither loss nor grad.
-    log_ratio = torch.where(valid, logprob - old_logprob.detach(), 0.0).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+    log_ratio = torch.where(valid, logprob - old_logprob.detach(), 0.0)
+    log_ratio = log_ratio.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
     adv = torch.where(valid, advantages.detach(), 0.0)
     ratio = log_ratio.exp()
     token_loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high))
@@ -173,7 +177,8 @@ def policy_loss(
 
     metrics: dict[str, torch.Tensor] = {"pg_loss": pg_loss}
     if ref_logprob is not None:
-        ref_diff = torch.where(valid, ref_logprob.detach() - logprob, 0.0).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+        ref_diff = torch.where(valid, ref_logprob.detach() - logprob, 0.0)
+        ref_diff = ref_diff.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
         kl = _masked_mean(ref_diff.exp() - ref_diff - 1.0, valid, count)
         loss = loss + kl_coef * kl
         metrics["kl"] = kl

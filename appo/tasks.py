@@ -99,7 +99,8 @@ def _change() -> list[Task]:
 
 def _difference() -> list[Task]:
     return [
-        _task("difference", (x, y), f"How much more does one {_singular(x)} cost than one {_singular(y)}?",
+        _task("difference", (x, y),
+              f"How much more does one {_singular(x)} cost than one {_singular(y)}?",
               f"{PRICES[x]}-{PRICES[y]}", PRICES[x] - PRICES[y])
         for x, y in itertools.permutations(PRICES, 2)
         if PRICES[x] > PRICES[y]

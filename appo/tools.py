@@ -139,7 +139,7 @@ def calculator(expression: str) -> str:
         return format_number(_evaluate(tree.body))
     except ToolError as err:
         return f"error: {err}"
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
+    except (SyntaxError, ValueError, ArithmeticError, RecursionError, MemoryError):
         return "error: invalid expression"
 
 

@@ -28,7 +28,8 @@ def reference_advantages(rewards, group_ids, is_branch, parent, split, mask, tra
             if is_branch[i]:
                 out[i, t] = a_hat[i] if train_branches else 0.0
                 continue
-            covering = [a_hat[b] for b in range(rows) if is_branch[b] and parent[b] == i and t < split[b]]
+            covering = [a_hat[b] for b in range(rows)
+                        if is_branch[b] and parent[b] == i and t < split[b]]
             out[i, t] = a_hat[i] + (sum(covering) / len(covering) if covering else 0.0)
     return out
 
