@@ -33,6 +33,7 @@ import torch
 from appo_kernels._validation import (
     FLOAT_DTYPES,
     check_float,
+    check_fraction,
     check_mask,
     check_ndim,
     check_nonneg,
@@ -44,13 +45,6 @@ from appo_kernels.discounted_future_sum import discounted_future_sum
 
 LOG_RATIO_BOUND = 20.0
 _REAL_DTYPES = FLOAT_DTYPES + (torch.float64,)
-
-
-def _check_fraction(name: str, value: object) -> float:
-    value = check_nonneg(name, value)
-    if value >= 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value}")
-    return value
 
 
 def _check_inputs(
@@ -98,7 +92,7 @@ def future_likelihood_scale(
     valid = _check_inputs(tensors, mask)
     c = check_positive("c", c)
     half_life = check_positive("half_life", half_life)
-    clip = _check_fraction("clip", clip)
+    clip = check_fraction("clip", clip)
     neg_ratio_cap = check_positive("neg_ratio_cap", neg_ratio_cap)
     bonus = check_nonneg("bonus", bonus)
 
@@ -153,7 +147,7 @@ def policy_loss(
     tensors = {"logprob": logprob, "old_logprob": old_logprob, "advantages": advantages,
                "ref_logprob": ref_logprob, "entropy": entropy}
     valid = _check_inputs(tensors, mask, optional=("ref_logprob", "entropy"))
-    clip_low = _check_fraction("clip_low", clip_low)
+    clip_low = check_fraction("clip_low", clip_low)
     clip_high = check_nonneg("clip_high", clip_high)
     if dual_clip is not None and check_positive("dual_clip", dual_clip) <= 1.0:
         raise ValueError(f"dual_clip must be > 1 or None, got {dual_clip}")
