@@ -6,8 +6,9 @@ Per row, over its valid positions (mask nonzero):
     BS_t   = z(H)_t * z(Omega)_t                     at valid positions, -inf elsewhere
 
 with H the token entropy and Omega the future value (``appo_kernels.future_value``). The mean and
-variance are two-pass (mean first, then the sum of squared deviations), which stays accurate when
-the spread is small next to the mean. A row with one valid position has std 0, so z = 0 and
+variance are corrected two-pass: a first mean m0, then sums of d = v - m0 and d^2 give
+mean = m0 + sum(d)/n and var = sum(d^2)/n - (sum(d)/n)^2. That stays accurate when the spread is
+small next to the mean, and a constant row gets exactly z = 0 (e.g. every Omega clipped). A row with one valid position has std 0, so z = 0 and
 BS = 0 there; a row with none is all -inf. NaN at a valid position makes that row's scores NaN.
 
 ``branching_score`` = ``token_stats_forward`` on the logits + one row kernel for the rest (two
@@ -56,6 +57,25 @@ class BranchingScore(NamedTuple):
 
 
 @triton.jit
+def _load_scored(mask_ptr, entropy_ptr, omega_ptr, offs, T):
+    """(validity, H, Omega) at positions ``offs`` of one row (Omega as stored by pass 1)."""
+    in_row = offs < T
+    valid = tl.load(mask_ptr + offs, mask=in_row, other=0) != 0
+    entropy = tl.load(entropy_ptr + offs, mask=in_row, other=0).to(tl.float32)
+    return valid, entropy, tl.load(omega_ptr + offs, mask=in_row, other=0)
+
+
+@triton.jit
+def _corrected_moments(rough_mean, deviations, squared_deviations, n):
+    """Corrected two-pass moments from the deviations d = v - rough_mean of the valid values:
+    mean = rough_mean + sum(d)/n, var = sum(d^2)/n - (sum(d)/n)^2. Returns (mean, std + 1e-6)."""
+    correction = tl.sum(deviations, axis=0) / n
+    variance = tl.sum(squared_deviations, axis=0) / n - correction * correction
+    variance = tl.maximum(variance, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    return rough_mean + correction, tl.sqrt(variance) + STD_EPS
+
+
+@triton.jit
 def _branching_score_kernel(
     entropy_ptr, logprob_ptr, behavior_ptr, mask_ptr,
     score_ptr, omega_ptr, z_entropy_ptr, z_omega_ptr, T,
@@ -65,7 +85,7 @@ def _branching_score_kernel(
     """One program per row, three passes over the row (see the module doc):
 
     1. blocks from the end: Omega by the reverse scan (stored), sums of H and Omega, valid count;
-    2. sums of squared deviations from the means;
+    2. sums of the deviations from the pass-1 means and of their squares (corrected two-pass);
     3. z-scores and the score.
     """
     row = tl.program_id(0).to(tl.int64)
@@ -94,42 +114,44 @@ def _branching_score_kernel(
         sum_omega += tl.where(valid, omega, 0.0)
         count += valid.to(tl.int32)
     n = tl.maximum(tl.sum(count, axis=0), 1).to(tl.float32)
-    mean_entropy = tl.sum(sum_entropy, axis=0) / n
-    mean_omega = tl.sum(sum_omega, axis=0) / n
+    rough_mean_entropy = tl.sum(sum_entropy, axis=0) / n
+    rough_mean_omega = tl.sum(sum_omega, axis=0) / n
     tl.debug_barrier()  # pass 2 reads Omega that other threads of this program stored
 
+    dev_entropy = tl.zeros((BLOCK,), tl.float32)
+    dev_omega = tl.zeros((BLOCK,), tl.float32)
     sq_entropy = tl.zeros((BLOCK,), tl.float32)
     sq_omega = tl.zeros((BLOCK,), tl.float32)
     for start in range(0, T, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        in_row = offs < T
-        valid = tl.load(mask_ptr + offs, mask=in_row, other=0) != 0
-        entropy = tl.load(entropy_ptr + offs, mask=in_row, other=0).to(tl.float32)
-        omega = tl.load(omega_ptr + offs, mask=in_row, other=0)
-        sq_entropy += tl.where(valid, (entropy - mean_entropy) * (entropy - mean_entropy), 0.0)
-        sq_omega += tl.where(valid, (omega - mean_omega) * (omega - mean_omega), 0.0)
-    scale_entropy = tl.sqrt(tl.sum(sq_entropy, axis=0) / n) + STD_EPS
-    scale_omega = tl.sqrt(tl.sum(sq_omega, axis=0) / n) + STD_EPS
+        valid, entropy, omega = _load_scored(mask_ptr, entropy_ptr, omega_ptr, offs, T)
+        d_entropy = tl.where(valid, entropy - rough_mean_entropy, 0.0)
+        d_omega = tl.where(valid, omega - rough_mean_omega, 0.0)
+        dev_entropy += d_entropy
+        dev_omega += d_omega
+        sq_entropy += d_entropy * d_entropy
+        sq_omega += d_omega * d_omega
+    mean_entropy, scale_entropy = _corrected_moments(rough_mean_entropy, dev_entropy, sq_entropy, n)
+    mean_omega, scale_omega = _corrected_moments(rough_mean_omega, dev_omega, sq_omega, n)
 
     for start in range(0, T, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        in_row = offs < T
-        valid = tl.load(mask_ptr + offs, mask=in_row, other=0) != 0
-        entropy = tl.load(entropy_ptr + offs, mask=in_row, other=0).to(tl.float32)
-        omega = tl.load(omega_ptr + offs, mask=in_row, other=0)
+        valid, entropy, omega = _load_scored(mask_ptr, entropy_ptr, omega_ptr, offs, T)
         z_entropy = tl.where(valid, (entropy - mean_entropy) / scale_entropy, 0.0)
         z_omega = tl.where(valid, (omega - mean_omega) / scale_omega, 0.0)
-        tl.store(z_entropy_ptr + offs, z_entropy, mask=in_row)
-        tl.store(z_omega_ptr + offs, z_omega, mask=in_row)
-        tl.store(score_ptr + offs, tl.where(valid, z_entropy * z_omega, float("-inf")), mask=in_row)
+        tl.store(z_entropy_ptr + offs, z_entropy, mask=offs < T)
+        tl.store(z_omega_ptr + offs, z_omega, mask=offs < T)
+        tl.store(score_ptr + offs, tl.where(valid, z_entropy * z_omega, float("-inf")), mask=offs < T)
 
 
 def _row_z_score(values: torch.Tensor, mask: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """PyTorch path of z(v): two-pass mean / population std over each row's valid positions."""
-    mean = torch.where(mask, values, 0.0).sum(dim=-1, keepdim=True) / count
-    deviation = torch.where(mask, values - mean, 0.0)
-    std = (deviation.square().sum(dim=-1, keepdim=True) / count).sqrt()
-    return torch.where(mask, deviation / (std + STD_EPS.value), 0.0)
+    """PyTorch path of z(v): corrected two-pass moments over each row's valid positions."""
+    rough_mean = torch.where(mask, values, 0.0).sum(dim=-1, keepdim=True) / count
+    deviation = torch.where(mask, values - rough_mean, 0.0)
+    correction = deviation.sum(dim=-1, keepdim=True) / count
+    variance = deviation.square().sum(dim=-1, keepdim=True) / count - correction.square()
+    scale = variance.clamp(min=0).sqrt() + STD_EPS.value
+    return torch.where(mask, (values - (rough_mean + correction)) / scale, 0.0)
 
 
 @torch.library.custom_op("appo_kernels::branching_score_from_stats", mutates_args=())
