@@ -162,22 +162,24 @@ def _select_branch_points_op(
                 f"group_ids must lie in [0, num_groups={num_groups}), got values in [{low}, {high}]"
             )
     num_groups = max(num_groups, 0)
+    if B == 0 or T == 0:  # no candidate anywhere
+        rows = torch.full((num_groups, budget), -1, dtype=torch.int64, device=score.device)
+        scores = torch.full((num_groups, budget), float("-inf"), device=score.device)
+        return rows, rows.clone(), scores
     group_ids = group_ids.long()
     if not use_triton(score.device):
         return _select_torch(score, candidates, preferred, group_ids, num_groups, budget)
     rows = torch.empty((num_groups, budget), dtype=torch.int64, device=score.device)
     positions = torch.empty_like(rows)
     scores = torch.empty((num_groups, budget), dtype=torch.float32, device=score.device)
-    if num_groups == 0:
-        return rows, positions, scores
+    has_preferred = preferred is not None
     score, candidates = rows_last_dim_contiguous(score), rows_last_dim_contiguous(candidates)
-    if preferred is not None:
-        preferred = rows_last_dim_contiguous(preferred)
+    # Without a preferred mask the kernel never reads its pointer; pass candidates in its place.
+    preferred = rows_last_dim_contiguous(preferred) if has_preferred else candidates
     _select_branch_points_kernel[(num_groups,)](
-        score, candidates, preferred if preferred is not None else candidates, group_ids,
-        rows, positions, scores, B, T, score.stride(0), candidates.stride(0),
-        preferred.stride(0) if preferred is not None else 0, budget,
-        HAS_PREFERRED=preferred is not None, BLOCK=block_size(T),
+        score, candidates, preferred, group_ids, rows, positions, scores, B, T,
+        score.stride(0), candidates.stride(0), preferred.stride(0), budget,
+        HAS_PREFERRED=has_preferred, BLOCK=block_size(T),
     )
     return rows, positions, scores
 
