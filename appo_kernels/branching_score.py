@@ -8,8 +8,9 @@ Per row, over its valid positions (mask nonzero):
 with H the token entropy and Omega the future value (``appo_kernels.future_value``). The mean and
 variance are corrected two-pass: a first mean m0, then sums of d = v - m0 and d^2 give
 mean = m0 + sum(d)/n and var = sum(d^2)/n - (sum(d)/n)^2. That stays accurate when the spread is
-small next to the mean, and a constant row gets exactly z = 0 (e.g. every Omega clipped). A row with one valid position has std 0, so z = 0 and
-BS = 0 there; a row with none is all -inf. NaN at a valid position makes that row's scores NaN.
+small next to the mean, and a constant row gets exactly z = 0 (e.g. every Omega clipped). A row
+with one valid position has std 0, so z = 0 and BS = 0 there; a row with none is all -inf. NaN at
+a valid position makes that row's scores NaN.
 
 ``branching_score`` = ``token_stats_forward`` on the logits + one row kernel for the rest (two
 launches on the Triton path).
@@ -139,9 +140,10 @@ def _branching_score_kernel(
         valid, entropy, omega = _load_scored(mask_ptr, entropy_ptr, omega_ptr, offs, T)
         z_entropy = tl.where(valid, (entropy - mean_entropy) / scale_entropy, 0.0)
         z_omega = tl.where(valid, (omega - mean_omega) / scale_omega, 0.0)
+        score = tl.where(valid, z_entropy * z_omega, float("-inf"))
         tl.store(z_entropy_ptr + offs, z_entropy, mask=offs < T)
         tl.store(z_omega_ptr + offs, z_omega, mask=offs < T)
-        tl.store(score_ptr + offs, tl.where(valid, z_entropy * z_omega, float("-inf")), mask=offs < T)
+        tl.store(score_ptr + offs, score, mask=offs < T)
 
 
 def _row_z_score(values: torch.Tensor, mask: torch.Tensor, count: torch.Tensor) -> torch.Tensor:

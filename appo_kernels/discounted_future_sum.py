@@ -106,7 +106,9 @@ def valid_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.custom_op("appo_kernels::discounted_future_sum", mutates_args=())
-def _discounted_future_sum_op(values: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+def _discounted_future_sum_op(
+    values: torch.Tensor, mask: torch.Tensor, gamma: float
+) -> torch.Tensor:
     B, T = values.shape
     if not use_triton(values.device):
         masked = torch.where(mask, values.float(), 0.0)
@@ -127,7 +129,9 @@ def _(values, mask, gamma):
     return values.new_empty(values.shape, dtype=torch.float32)
 
 
-def discounted_future_sum(values: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0) -> torch.Tensor:
+def discounted_future_sum(
+    values: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0
+) -> torch.Tensor:
     """Discounted sum of each row's future valid values: ``G_t = w_t r_t + gamma G_{t+1}``.
 
     Args:

@@ -78,7 +78,11 @@ def _future_value_kernel(
 
 
 def future_value_torch(
-    logprob: torch.Tensor, behavior_logprob: torch.Tensor, mask: torch.Tensor, gamma: float, clip: float
+    logprob: torch.Tensor,
+    behavior_logprob: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float,
+    clip: float,
 ) -> torch.Tensor:
     """PyTorch path: the same math on [B, T] tensors (``mask`` bool)."""
     log_ratio = torch.where(mask, logprob.float() - behavior_logprob.float(), 0.0)
@@ -89,7 +93,11 @@ def future_value_torch(
 
 @torch.library.custom_op("appo_kernels::future_value", mutates_args=())
 def _future_value_op(
-    logprob: torch.Tensor, behavior_logprob: torch.Tensor, mask: torch.Tensor, gamma: float, clip: float
+    logprob: torch.Tensor,
+    behavior_logprob: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float,
+    clip: float,
 ) -> torch.Tensor:
     if not use_triton(logprob.device):
         return future_value_torch(logprob, behavior_logprob, mask, gamma, clip)
@@ -97,7 +105,8 @@ def _future_value_op(
     out = torch.empty((B, T), dtype=torch.float32, device=logprob.device)
     if B == 0 or T == 0:
         return out
-    logprob, behavior_logprob, mask = map(rows_last_dim_contiguous, (logprob, behavior_logprob, mask))
+    inputs = map(rows_last_dim_contiguous, (logprob, behavior_logprob, mask))
+    logprob, behavior_logprob, mask = inputs
     _future_value_kernel[(B,)](
         logprob, behavior_logprob, mask, out, T,
         logprob.stride(0), behavior_logprob.stride(0), mask.stride(0), out.stride(0), gamma, clip,
@@ -112,7 +121,8 @@ def _(logprob, behavior_logprob, mask, gamma, clip):
 
 
 def check_log_ratio_inputs(logprob, behavior_logprob, mask, gamma, clip):
-    """Argument checks shared by ``future_value`` and ``branching_score*``; returns (gamma, clip)."""
+    """Argument checks shared by ``future_value`` and ``branching_score_from_stats``; returns
+    (gamma, clip)."""
     check_float("logprob", logprob)
     check_ndim("logprob", logprob, 2, "[B, T]")
     check_float("behavior_logprob", behavior_logprob)

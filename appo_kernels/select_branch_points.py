@@ -134,11 +134,12 @@ def _select_torch(score, candidates, preferred, group_ids, num_groups, budget):
     slots = torch.arange(budget, device=score.device)
     picks = starts[:, None] + slots[None, :] % counts.clamp(min=1)[:, None]
     picks = torch.where(counts[:, None] > 0, picks, rows.numel())
-    sentinel = torch.tensor([-1], device=score.device)
+    no_index = torch.tensor([-1], device=score.device)
+    no_score = torch.tensor([float("-inf")], device=score.device)
     return (
-        torch.cat([rows, sentinel])[picks],
-        torch.cat([positions, sentinel])[picks],
-        torch.cat([values, sentinel.float() * float("inf")])[picks],
+        torch.cat([rows, no_index])[picks],
+        torch.cat([positions, no_index])[picks],
+        torch.cat([values, no_score])[picks],
     )
 
 

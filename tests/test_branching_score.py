@@ -125,7 +125,8 @@ def test_empty_inputs(backend, device, shape):
 def test_outputs_are_not_differentiable(backend, device, gen):
     logits = torch.randn(2, 4, 9, generator=gen).to(device).requires_grad_()
     tokens = torch.randint(0, 9, (2, 4), generator=gen).to(device)
-    out = branching_score(logits, tokens, torch.zeros(2, 4, device=device), torch.ones(2, 4, device=device))
+    behavior, mask = torch.zeros(2, 4, device=device), torch.ones(2, 4, device=device)
+    out = branching_score(logits, tokens, behavior, mask)
     assert not any(t.requires_grad for t in out)
 
 
@@ -167,7 +168,8 @@ def test_torch_compile_fullgraph(backend, device, gen):
         return out.score, out.z_entropy > 0
 
     compiled = torch.compile(scores, fullgraph=True, backend="aot_eager")
-    for a, b in zip(compiled(logits, tokens, behavior, mask), scores(logits, tokens, behavior, mask)):
+    args = (logits, tokens, behavior, mask)
+    for a, b in zip(compiled(*args), scores(*args)):
         torch.testing.assert_close(a, b)
 
 

@@ -82,7 +82,8 @@ def test_output_is_not_differentiable(backend, device):
 
 
 def test_bad_input(device):
-    values, mask = torch.randn(2, 5, device=device), torch.ones(2, 5, dtype=torch.bool, device=device)
+    values = torch.randn(2, 5, device=device)
+    mask = torch.ones(2, 5, dtype=torch.bool, device=device)
     assert_rejects(TypeError, "values", discounted_future_sum, [[1.0]], mask)
     assert_rejects(TypeError, "values", discounted_future_sum, values.long(), mask)
     assert_rejects(TypeError, "values", discounted_future_sum, values.double(), mask)

@@ -28,7 +28,8 @@ def random_log_probs(gen, B, T, spread=0.05):
 def test_matches_float64_reference(backend, device, gen, B, T, gamma, clip):
     logprob, behavior = random_log_probs(gen, B, T)
     mask = random_mask(gen, B, T)
-    out = future_value(logprob.to(device), behavior.to(device), mask.to(device), gamma=gamma, clip=clip)
+    args = [x.to(device) for x in (logprob, behavior, mask)]
+    out = future_value(*args, gamma=gamma, clip=clip)
     expected = future_value_ref(logprob, behavior, mask, gamma, clip)
     assert_close_to_ref(out.cpu(), expected)
     assert torch.all(out[0] == 1.0)  # all-masked row: G = 0, exp(0) = 1

@@ -12,7 +12,8 @@ from scan_score_reference import assert_compiles_without_spills, assert_rejects,
 
 def assert_selection(out: BranchPoints, expected) -> None:
     rows, positions, scores = expected
-    assert out.rows.dtype == out.positions.dtype == torch.int64 and out.scores.dtype == torch.float32
+    assert out.rows.dtype == out.positions.dtype == torch.int64
+    assert out.scores.dtype == torch.float32
     torch.testing.assert_close(out.rows.cpu(), rows, rtol=0, atol=0)
     torch.testing.assert_close(out.positions.cpu(), positions, rtol=0, atol=0)
     torch.testing.assert_close(out.scores.cpu(), scores, rtol=0, atol=0)
@@ -118,24 +119,29 @@ def test_bad_input(device):
     assert_rejects(ValueError, "num_groups", f, score, cand, groups, 2, num_groups=-1)
 
 
-def test_torch_compile_fullgraph(backend, device, gen):
+@pytest.mark.parametrize("num_groups", [3, None])  # None: G read from group_ids (dynamic shape)
+def test_torch_compile_fullgraph(backend, device, gen, num_groups):
     score = torch.randn(4, 16, generator=gen).to(device)
     candidates = (torch.rand(4, 16, generator=gen) < 0.5).to(device)
-    group_ids = torch.tensor([0, 1, 1, 0], device=device)
+    group_ids = torch.tensor([0, 2, 2, 0], device=device)
 
     def pick(score, candidates, group_ids):
-        out = select_branch_points(score, candidates, group_ids, 3, preferred=score > 1.0, num_groups=2)
+        out = select_branch_points(
+            score, candidates, group_ids, 3, preferred=score > 1.0, num_groups=num_groups
+        )
         return out.rows * 100 + out.positions
 
     compiled = torch.compile(pick, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(score, candidates, group_ids), pick(score, candidates, group_ids))
+    args = (score, candidates, group_ids)
+    torch.testing.assert_close(compiled(*args), pick(*args))
 
 
 def test_kernel_compiles_for_gpus_without_spills():
     signature = {
-        "score_ptr": "*fp32", "candidates_ptr": "*i1", "preferred_ptr": "*i1", "group_ids_ptr": "*i64",
-        "rows_ptr": "*i64", "positions_ptr": "*i64", "scores_ptr": "*fp32", "B": "i32", "T": "i32",
-        "stride_score": "i32", "stride_candidates": "i32", "stride_preferred": "i32", "budget": "i32",
+        "score_ptr": "*fp32", "candidates_ptr": "*i1", "preferred_ptr": "*i1",
+        "group_ids_ptr": "*i64", "rows_ptr": "*i64", "positions_ptr": "*i64", "scores_ptr": "*fp32",
+        "B": "i32", "T": "i32", "stride_score": "i32", "stride_candidates": "i32",
+        "stride_preferred": "i32", "budget": "i32",
     }
     assert_compiles_without_spills(
         "appo_kernels.select_branch_points", "_select_branch_points_kernel", signature,
