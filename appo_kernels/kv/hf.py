@@ -80,6 +80,7 @@ class _PagedStep(Cache):
         slots: torch.Tensor,
         valid: torch.Tensor,
         lengths: torch.Tensor,
+        max_length: int,
         block_table: torch.Tensor,
         flash_attn: Callable | None,
     ) -> None:
@@ -87,10 +88,11 @@ class _PagedStep(Cache):
         self.cache = cache
         self.slots = slots
         self.valid = valid
-        self.lengths = lengths
-        self.max_length = int(lengths.max()) if lengths.numel() else 0
+        self.lengths = lengths  # int64 [B]: cached tokens after this step
+        self.max_length = max_length
         self.block_table = block_table
         self.flash_attn = flash_attn
+        self.cache_seqlens = lengths.to(torch.int32) if flash_attn is not None else None
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
@@ -133,7 +135,7 @@ def _paged_flash_attention(
         query.transpose(1, 2),
         paged_step.cache.key_cache[layer],
         paged_step.cache.value_cache[layer],
-        cache_seqlens=paged_step.lengths.to(torch.int32),
+        cache_seqlens=paged_step.cache_seqlens,
         block_table=paged_step.block_table,
         softmax_scale=scaling,
         causal=True,
@@ -282,7 +284,10 @@ class PagedCausalLM:
         elif isinstance(sids, (str, bytes)) or not isinstance(sids, Sequence):
             raise TypeError(f"sids must be a list of sequence ids, got {type(sids).__name__}")
         sids = list(sids)
-        self.cache.block_table(sids)  # raises on unknown, repeated or non-int ids
+        for sid in sids:
+            self.cache.seq_len(sid)  # raises on unknown or non-int ids
+        if len(set(sids)) != len(sids):
+            raise ValueError(f"sids must not repeat a sequence id, got {sids}")
         return sids
 
     def _token_lists(
@@ -340,14 +345,20 @@ class PagedCausalLM:
     ) -> torch.Tensor:
         device = self.cache.device
         q = max(counts)
+        new_lengths = [p + n for p, n in zip(past, counts)]
         input_ids = torch.tensor([[0] * (q - len(ids)) + ids for ids in tokens], device=device)
-        lengths = torch.tensor([p + n for p, n in zip(past, counts)], device=device)
+        lengths = torch.tensor(new_lengths, device=device)
         columns = torch.arange(q, device=device)
-        positions = lengths[:, None] - q + columns  # [B, q]; < past + 0 marks padding
-        valid = columns >= q - torch.tensor(counts, device=device)[:, None]
-        positions = positions.clamp_min(0)
+        positions = (lengths[:, None] - q + columns).clamp_min(0)  # [B, q]
+        valid = columns >= q - torch.tensor(counts, device=device)[:, None]  # real (not pad) tokens
         step = _PagedStep(
-            self.cache, slots, valid, lengths, self.cache.block_table(sids), self._flash_attn
+            self.cache,
+            slots,
+            valid,
+            lengths,
+            max(new_lengths),
+            self.cache.block_table(sids),
+            self._flash_attn,
         )
 
         inputs = {
