@@ -316,7 +316,7 @@ class PagedKVCache:
 
     def _seq(self, name: str, sid: object) -> _Sequence:
         if isinstance(sid, bool) or not isinstance(sid, int):
-            raise TypeError(f"{name} must hold int sequence ids, got {type(sid).__name__}")
+            raise TypeError(f"{name}: sequence ids must be ints, got {type(sid).__name__}")
         seq = self._seqs.get(sid)
         if seq is None:
             raise ValueError(f"{name}: unknown or freed sequence id {sid}")
