@@ -1,0 +1,310 @@
+"""token_stats against a float64 reference, on both backends (PyTorch path and Triton kernels,
+the latter through the interpreter on CPU), plus ahead-of-time GPU compilation of the kernels.
+
+Shapes are small and the Triton chunk width is forced small (``_block_v=16``) so that the
+multi-chunk, rescaling and vocabulary-split paths run at small V under the interpreter.
+"""
+
+import pytest
+import torch
+
+from appo_kernels.token_stats import (
+    TokenStats,
+    _row_view,
+    token_stats,
+    token_stats_forward,
+)
+from aot import ARCHS, KernelCase, compile_kernels
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SMALL_BLOCK = 16
+# Statistics are float32 from the same (upcast) inputs as the reference: tight for every dtype.
+STATS_TOL = dict(atol=2e-5, rtol=2e-5)
+# Gradients come back in the logits dtype (the interpreter truncates fp32 -> bf16: 2 ulp).
+GRAD_TOL = {
+    torch.float32: dict(atol=1e-6, rtol=1e-5),
+    torch.float16: dict(atol=1e-5, rtol=2e-3),
+    torch.bfloat16: dict(atol=1e-4, rtol=2e-2),
+}
+
+
+def reference(logits, tokens, temperature=1.0, ignore_index=-100):
+    """float64 log_softmax of logits / tau; -inf entries contribute 0 to the entropy."""
+    logp = torch.log_softmax(logits.double() / temperature, dim=-1)
+    p = logp.exp()
+    entropy = -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)
+    ignored = tokens == ignore_index
+    picked = logp.gather(-1, tokens.masked_fill(ignored, 0).long().unsqueeze(-1)).squeeze(-1)
+    return picked.masked_fill(ignored, 0.0), entropy
+
+
+def random_case(gen, shape, vocab, dtype, scale=3.0, ignore_every=4):
+    logits = (torch.randn(*shape, vocab, generator=gen) * scale).to(dtype)
+    tokens = torch.randint(0, vocab, shape, generator=gen)
+    if ignore_every:
+        tokens.view(-1)[::ignore_every] = -100
+    return logits, tokens
+
+
+def assert_stats_close(out, logits, tokens, **kwargs):
+    ref_lp, ref_h = reference(logits, tokens, **kwargs)
+    assert isinstance(out, TokenStats)
+    for got, want in zip(out, (ref_lp, ref_h)):
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        torch.testing.assert_close(got.double(), want, **STATS_TOL)
+
+
+# ------------------------------------------------------------------------------------ forward
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("vocab", [1, 2, 17, 67])  # 17 = just above a chunk, 67 = odd, 5 chunks
+def test_matches_reference(backend, dtype, vocab, gen):
+    logits, tokens = random_case(gen, (5,), vocab, dtype)
+    out = token_stats(logits, tokens, temperature=0.7, _block_v=SMALL_BLOCK)
+    assert_stats_close(out, logits, tokens, temperature=0.7)
+
+
+def test_default_launch_config(backend, gen):
+    logits, tokens = random_case(gen, (3,), 300, torch.bfloat16)
+    assert_stats_close(token_stats(logits, tokens), logits, tokens)
+
+
+def test_peaked_rows_masked_vocab_and_temperature(backend, gen):
+    logits, tokens = random_case(gen, (6,), 50, torch.float32)
+    logits[0, 7] += 30.0  # peaked row: entropy ~ 1e-11, log-prob of the peak ~ 0
+    tokens[0] = 7
+    logits[1, 40] = 40.0  # the peak arrives in a late chunk: rescaling of (s, a)
+    logits[2, 3] -= 30.0  # a very unlikely sampled token
+    tokens[2] = 3
+    logits[3:, 45:] = float("-inf")  # vocabulary padding
+    logits[4, :20] = float("-inf")  # a whole first chunk masked: running max stays -inf
+    for temperature in (1.0, 0.5, 3.0):
+        out = token_stats(logits, tokens, temperature=temperature, _block_v=SMALL_BLOCK)
+        assert_stats_close(out, logits, tokens, temperature=temperature)
+        assert torch.isfinite(out.entropy).all() and torch.isfinite(out.logprob).all()
+
+
+def test_custom_ignore_index(backend, gen):
+    logits, tokens = random_case(gen, (6,), 20, torch.float32, ignore_every=None)
+    tokens[1] = -1
+    tokens[4] = -1
+    out = token_stats(logits, tokens, ignore_index=-1, _block_v=SMALL_BLOCK)
+    assert_stats_close(out, logits, tokens, ignore_index=-1)
+    assert (out.logprob[[1, 4]] == 0).all() and (out.entropy[[1, 4]] > 0).all()
+
+
+def test_strided_views(backend, gen):
+    base, tokens = random_case(gen, (2, 5), 30, torch.bfloat16)
+    views = {
+        "shifted [:, :-1]": (base[:, :-1], tokens[:, 1:]),
+        "transposed leading dims": (base.transpose(0, 1), tokens.transpose(0, 1)),
+        "row-strided 2-D": (base[0, ::2], tokens[0, ::2]),
+        "three strided levels (copied)": (base.view(2, 5, 3, 10)[:, :-1, :, :], None),
+        "non-contiguous last dim (copied)": (base[..., ::2], tokens),
+    }
+    for name, (logits, toks) in views.items():
+        if toks is None:
+            toks = torch.randint(0, logits.shape[-1], logits.shape[:-1], generator=gen)
+        toks = toks.clamp(max=logits.shape[-1] - 1)
+        out = token_stats(logits, toks, _block_v=SMALL_BLOCK)
+        assert out.logprob.shape == logits.shape[:-1], name
+        assert_stats_close(out, logits, toks)
+
+
+def test_two_level_views_are_read_in_place():
+    base = torch.randn(3, 7, 11)
+    for view in (base[:, :-1], base[:, 1:], base.transpose(0, 1), base[::2, ::3], base[1]):
+        rows = _row_view(view)
+        assert rows.data_ptr() == view.data_ptr() and rows.untyped_storage().data_ptr() == (
+            base.untyped_storage().data_ptr()
+        )
+        torch.testing.assert_close(rows.reshape(-1, 11), view.reshape(-1, 11), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_vocab_split_matches_single_pass(backend, dtype, gen):
+    logits, tokens = random_case(gen, (4,), 100, dtype)
+    logits[1, 90] = 25.0  # the max lives in the last split
+    logits[2, :40] = float("-inf")  # first splits entirely masked
+    single = token_stats(logits, tokens, _block_v=SMALL_BLOCK)
+    for splits in (2, 3, 7):
+        split = token_stats(logits, tokens, _block_v=SMALL_BLOCK, _num_splits=splits)
+        for a, b in zip(split, single):
+            torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-6)
+    assert_stats_close(single, logits, tokens)
+
+
+def test_forward_only_entry_point(backend, gen):
+    logits, tokens = random_case(gen, (2, 3), 40, torch.float16)
+    logits.requires_grad_()
+    out = token_stats_forward(logits, tokens, temperature=1.3, _block_v=SMALL_BLOCK)
+    assert not any(t.requires_grad for t in out)
+    assert_stats_close(TokenStats(out.logprob, out.entropy), logits, tokens, temperature=1.3)
+    lse = torch.logsumexp(logits.detach().double() / 1.3, dim=-1)
+    torch.testing.assert_close(out.lse.double(), lse, **STATS_TOL)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on NaN / -inf
+def test_nan_stays_in_its_row(backend, gen):
+    logits, tokens = random_case(gen, (5,), 40, torch.float32, ignore_every=None)
+    logits[1, 33] = float("nan")  # a NaN in a late chunk, after the max is known
+    logits[3, 0] = float("nan")  # a NaN as the very first entry
+    logits[4] = float("-inf")  # no distribution at all
+    out = token_stats(logits, tokens, _block_v=SMALL_BLOCK)
+    bad = torch.tensor([False, True, False, True, True])
+    for t in out:
+        assert t[bad].isnan().all() and torch.isfinite(t[~bad]).all()
+    assert_stats_close(TokenStats(out.logprob[~bad], out.entropy[~bad]), logits[~bad],
+                       tokens[~bad])
+    for splits in (2, 3):
+        split = token_stats(logits, tokens, _block_v=SMALL_BLOCK, _num_splits=splits)
+        assert split.entropy[bad].isnan().all() and torch.isfinite(split.entropy[~bad]).all()
+
+
+@pytest.mark.parametrize("shape", [(0, 9), (2, 0, 9)])
+def test_empty_inputs(backend, shape):
+    logits = torch.zeros(shape, requires_grad=True)
+    tokens = torch.zeros(shape[:-1], dtype=torch.long)
+    out = token_stats(logits, tokens)
+    assert out.logprob.shape == out.entropy.shape == shape[:-1]
+    (out.logprob.sum() + out.entropy.sum()).backward()
+    assert logits.grad.shape == shape
+
+
+# ----------------------------------------------------------------------------------- backward
+
+
+def reference_grad(logits, tokens, g_lp, g_h, **kwargs):
+    x = logits.detach().double().requires_grad_()
+    lp, h = reference(x, tokens, **kwargs)
+    torch.autograd.backward((lp, h), (g_lp.double(), g_h.double()))
+    return x.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gradients_match_float64_autograd(backend, dtype, gen):
+    logits, tokens = random_case(gen, (2, 4), 37, dtype)
+    logits[0, 1, 30:] = float("-inf")
+    tokens[0, 1] = 3
+    logits[1, 2, 5] += 20.0
+    logits.requires_grad_()
+    g_lp, g_h = torch.randn(2, 2, 4, generator=gen)
+    lp, h = token_stats(logits, tokens, temperature=0.8, _block_v=SMALL_BLOCK)
+    torch.autograd.backward((lp, h), (g_lp, g_h))
+    assert logits.grad.dtype == dtype and logits.grad.shape == logits.shape
+    want = reference_grad(logits, tokens, g_lp, g_h, temperature=0.8).to(dtype)
+    torch.testing.assert_close(logits.grad, want, **GRAD_TOL[dtype])
+    assert (logits.grad[0, 1, 30:] == 0).all()
+
+
+def test_gradient_of_one_output_and_of_a_view(backend, gen):
+    base, tokens = random_case(gen, (2, 5), 23, torch.float32)
+    base.requires_grad_()
+    tokens = tokens[:, 1:]
+    zeros = torch.zeros(2, 4)
+    for pick in ("logprob", "entropy"):
+        base.grad = None
+        out = token_stats(base[:, :-1], tokens, _block_v=SMALL_BLOCK, _num_splits=2)
+        getattr(out, pick).sum().backward()  # the upstream gradient is an expanded tensor
+        ones = torch.ones(2, 4)
+        g_lp, g_h = (ones, zeros) if pick == "logprob" else (zeros, ones)
+        want = torch.zeros(2, 5, 23, dtype=torch.float64)
+        want[:, :-1] = reference_grad(base[:, :-1], tokens, g_lp, g_h)
+        torch.testing.assert_close(base.grad.double(), want, **GRAD_TOL[torch.float32])
+
+
+def test_torch_compile_fullgraph(backend, gen):
+    def loss(logits, tokens):
+        lp, h = token_stats(logits, tokens, temperature=0.9, _block_v=SMALL_BLOCK)
+        return (lp * 2.0 - h).sum()
+
+    logits, tokens = random_case(gen, (3, 4), 21, torch.float32)
+    logits.requires_grad_()
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    compiled(logits, tokens).backward()
+    got = logits.grad.clone()
+    logits.grad = None
+    loss(logits, tokens).backward()
+    torch.testing.assert_close(got, logits.grad, atol=1e-6, rtol=1e-6)
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs(backend):
+    x = torch.randn(3, 10)
+    y = torch.randint(0, 10, (3,))
+    type_errors = {
+        "logits": [(x.long(), y), (x.to(torch.complex64), y), (x.double(), y), (x.numpy(), y)],
+        "tokens": [(x, y.float()), (x, [1, 2, 3])],
+    }
+    for name, cases in type_errors.items():
+        for logits, tokens in cases:
+            with pytest.raises(TypeError, match=name):
+                token_stats(logits, tokens)
+    value_errors = {
+        "tokens": [(x, y[:2]), (x, y[:, None]), (x, torch.tensor([0, 10, 1])),
+                   (x, torch.tensor([0, -5, 1])), (x, y.to("meta"))],
+        "logits": [(torch.randn(3, 0), y), (torch.tensor(1.0), torch.tensor(0))],
+    }
+    for name, cases in value_errors.items():
+        for logits, tokens in cases:
+            with pytest.raises(ValueError, match=name):
+                token_stats(logits, tokens)
+    for temperature in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            token_stats(x, y, temperature=temperature)
+    with pytest.raises(TypeError, match="temperature"):
+        token_stats(x, y, temperature="1")
+    with pytest.raises(TypeError, match="ignore_index"):
+        token_stats(x, y, ignore_index=1.5)
+    with pytest.raises(ValueError, match="tokens"):  # checked by the forward-only entry too
+        token_stats_forward(x, torch.tensor([0, 11, 1]))
+
+
+# ----------------------------------------------------------------------- GPU compile (no GPU)
+
+MODULE = "appo_kernels.token_stats"
+ROW_ARGS = {"V": "i32", "T1": "i32", "stride_outer": "i64", "stride_inner": "i64"}
+ALIGNED = ("x_ptr", "V", "stride_outer", "stride_inner")
+
+
+def _cases(dtype, arch):
+    """Every kernel, specialised like the JIT does for contiguous aligned rows."""
+    block_v = 4096 if dtype != "fp32" else 2048
+    stats = {f"{n}_ptr": "*fp32" for n in ("logprob", "entropy", "lse", "part_m", "part_s",
+                                           "part_a")}
+    fwd = {"x_ptr": f"*{dtype}", "tokens_ptr": "*i64", **stats, **ROW_ARGS,
+           "cols_per_split": "i32", "inv_temp": "fp32", "ignore_index": "i32"}
+    merge = dict(fwd)
+    del merge["cols_per_split"]
+    merge = {**merge, "num_splits": "i32", "inv_temp": "fp32", "ignore_index": "i32"}
+    bwd = {"x_ptr": f"*{dtype}", "tokens_ptr": "*i64", "lse_ptr": "*fp32",
+           "entropy_ptr": "*fp32", "grad_logprob_ptr": "*fp32", "grad_entropy_ptr": "*fp32",
+           "dx_ptr": f"*{dtype}", **ROW_ARGS, "cols_per_split": "i32", "inv_temp": "fp32",
+           "ignore_index": "i32"}
+    split_aligned = (*ALIGNED, "cols_per_split")
+    return [
+        KernelCase(MODULE, "_token_stats_fwd_kernel", fwd, {"BLOCK_V": block_v, "SPLIT": False},
+                   split_aligned, num_warps=8, arch=arch),
+        KernelCase(MODULE, "_token_stats_fwd_kernel", fwd, {"BLOCK_V": block_v, "SPLIT": True},
+                   split_aligned, num_warps=8, arch=arch),
+        KernelCase(MODULE, "_token_stats_merge_kernel", merge, {"SPLITS_POW2": 128}, ALIGNED,
+                   num_warps=1, arch=arch),
+        KernelCase(MODULE, "_token_stats_bwd_kernel", bwd,
+                   {"HAS_GRAD_LOGPROB": True, "HAS_GRAD_ENTROPY": True, "BLOCK_V": block_v},
+                   (*split_aligned, "dx_ptr"), num_warps=8, arch=arch),
+    ]
+
+
+def test_kernels_compile_for_gpus_without_spills():
+    cases = [c for dtype in ("fp32", "fp16", "bf16") for arch in ARCHS for c in _cases(dtype, arch)]
+    results = compile_kernels(cases)
+    for case, result in zip(cases, results):
+        what = f"{case.kernel} {case.signature['x_ptr']} sm_{case.arch} {case.constexprs}"
+        assert result.local == 0, f"{what} spills {result.local} bytes"
+        if case.kernel != "_token_stats_merge_kernel":
+            # streaming over contiguous aligned rows: 16-byte vector loads of the logits
+            assert "ld.global.v4.b32" in result.loads, f"{what}: {result.loads}"
