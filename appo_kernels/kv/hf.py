@@ -44,7 +44,7 @@ from transformers.cache_utils import Cache
 from appo_kernels.kv.cache import PagedKVCache
 from appo_kernels.kv.ops import gather_padded
 
-_FLASH_IMPLEMENTATION = "appo_paged_flash"
+_FLASH_IMPLEMENTATION = "appo_paged"  # no "flash" in it: transformers keys heuristics on that word
 
 
 def _load_flash_attn_with_kvcache() -> Callable | None:
@@ -55,7 +55,9 @@ def _load_flash_attn_with_kvcache() -> Callable | None:
     return flash_attn_with_kvcache
 
 
-def _flash_path_supported(device: torch.device, dtype: torch.dtype, block_size: int, head_dim: int) -> bool:
+def _flash_path_supported(
+    device: torch.device, dtype: torch.dtype, block_size: int, head_dim: int
+) -> bool:
     """Whether flash-attn 2's paged ``flash_attn_with_kvcache`` accepts this cache."""
     return (
         device.type == "cuda"
@@ -178,7 +180,8 @@ class PagedCausalLM:
         layer_types = getattr(config, "layer_types", None) or ()
         if any(kind != "full_attention" for kind in layer_types):
             raise ValueError(
-                f"model must use full attention in every layer, got layer_types {sorted(set(layer_types))}"
+                "model must use full attention in every layer, got layer_types "
+                f"{sorted(set(layer_types))}"
             )
         parameters = inspect.signature(model.forward).parameters
         # transformers 5.24 renamed `past_key_values` to `cache`; older 5.x only know the former.
@@ -187,7 +190,8 @@ class PagedCausalLM:
         )
         if self._cache_argument is None:
             raise TypeError(
-                f"model.forward of {type(model).__name__} takes neither `cache` nor `past_key_values`"
+                f"model.forward of {type(model).__name__} takes neither `cache` nor "
+                "`past_key_values`"
             )
         self._keeps_last_logits = "logits_to_keep" in parameters
 
@@ -251,7 +255,9 @@ class PagedCausalLM:
                 raise ValueError(f"tokens must be 1-D [B], got shape {tuple(tokens.shape)}")
             tokens = tokens.tolist()
         elif isinstance(tokens, (str, bytes)) or not isinstance(tokens, Sequence):
-            raise TypeError(f"tokens must be a LongTensor [B] or a list of ints, got {type(tokens).__name__}")
+            raise TypeError(
+                f"tokens must be a LongTensor [B] or a list of ints, got {type(tokens).__name__}"
+            )
         return self._step(sids, self._token_lists("tokens", [[t] for t in tokens], len(sids)))
 
     # ------------------------------------------------------------------------------------------
@@ -296,15 +302,21 @@ class PagedCausalLM:
         """Checks a batch of token-id lists: one non-empty list of ints in [0, vocab) per
         sequence. Returns them as lists of Python ints."""
         if isinstance(tokens, (str, bytes, torch.Tensor)) or not isinstance(tokens, Sequence):
-            raise TypeError(f"{name} must be a list of token-id lists, got {type(tokens).__name__}")
+            raise TypeError(
+                f"{name} must be a list of token-id lists, got {type(tokens).__name__}"
+            )
         if batch is not None and len(tokens) != batch:
-            raise ValueError(f"{name} must hold one entry per sequence ({batch}), got {len(tokens)}")
+            raise ValueError(
+                f"{name} must hold one entry per sequence ({batch}), got {len(tokens)}"
+            )
         lists = []
         for row, ids in enumerate(tokens):
             if isinstance(ids, torch.Tensor):
                 ids = ids.tolist() if ids.dim() == 1 and not ids.is_floating_point() else None
             if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
-                raise TypeError(f"{name}[{row}] must be a list of ints, got {type(tokens[row]).__name__}")
+                raise TypeError(
+                    f"{name}[{row}] must be a list of ints, got {type(tokens[row]).__name__}"
+                )
             if len(ids) == 0:
                 raise ValueError(f"{name}[{row}] must hold at least one token, got none")
             try:
@@ -316,7 +328,8 @@ class PagedCausalLM:
             low, high = min(ids), max(ids)
             if low < 0 or high >= self.vocab_size:
                 raise ValueError(
-                    f"{name}[{row}] token ids must be in [0, {self.vocab_size}), got values in [{low}, {high}]"
+                    f"{name}[{row}] token ids must be in [0, {self.vocab_size}), got values in "
+                    f"[{low}, {high}]"
                 )
             lists.append(ids)
         return lists
