@@ -129,8 +129,9 @@ def run_rollout_scenario(lm: PagedCausalLM, gen: torch.Generator) -> None:
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("block_size", [4, 16])
-def test_logits_match_full_forward(family, attn, block_size, gen):
-    lm = PagedCausalLM(tiny_model(family, attn), num_blocks=64, block_size=block_size)
+def test_logits_match_full_forward(family, attn, block_size, gen, device):
+    lm = PagedCausalLM(tiny_model(family, attn).to(device), num_blocks=64, block_size=block_size)
+    assert lm.cache.device.type == device.type
     assert lm.cache.dtype == torch.float32
     assert lm.cache.num_kv_heads == 2 and lm.cache.num_layers == 2
     run_rollout_scenario(lm, gen)
@@ -163,13 +164,15 @@ def reference_flash_attn_with_kvcache(
         keys = k_cache[blocks].flatten(0, 1)[:length].repeat_interleave(heads // kv_heads, dim=1)
         values = v_cache[blocks].flatten(0, 1)[:length].repeat_interleave(heads // kv_heads, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q[b], keys) * softmax_scale
-        visible = torch.arange(length)[None, :] <= length - q_len + torch.arange(q_len)[:, None]
+        key_at = torch.arange(length, device=q.device)
+        query_at = torch.arange(q_len, device=q.device)
+        visible = key_at[None, :] <= length - q_len + query_at[:, None]
         probs = scores.masked_fill(~visible, -math.inf).softmax(-1).nan_to_num(0.0)
         out[b] = torch.einsum("hqk,khd->qhd", probs, values)
     return out
 
 
-def test_flash_path_plumbing(monkeypatch, gen):
+def test_flash_path_plumbing(monkeypatch, gen, device):
     """The flash-attn route (CUDA only) run on CPU with a reference of flash_attn_with_kvcache:
     checks the attention-implementation switch, the block table / seqlens it is given and the
     left-padded, bottom-right-causal layout -- against a full forward, as on the torch path."""
@@ -177,7 +180,7 @@ def test_flash_path_plumbing(monkeypatch, gen):
     monkeypatch.setattr(
         hf, "_load_flash_attn_with_kvcache", lambda: reference_flash_attn_with_kvcache
     )
-    model = tiny_model("qwen2", "sdpa")
+    model = tiny_model("qwen2", "sdpa").to(device)
     lm = PagedCausalLM(model, num_blocks=64, block_size=4)
     assert lm._flash_attn is reference_flash_attn_with_kvcache
     run_rollout_scenario(lm, gen)
@@ -199,8 +202,8 @@ def smollm2():
     ).eval()
 
 
-def test_smollm2_matches_full_forward(smollm2, gen):
-    lm = PagedCausalLM(smollm2, num_blocks=16, block_size=4)
+def test_smollm2_matches_full_forward(smollm2, gen, device):
+    lm = PagedCausalLM(smollm2.to(device), num_blocks=16, block_size=4)
     assert lm.cache.num_kv_heads == 3 and lm.cache.num_layers == 30  # GQA: 9 query heads
     check = Checker(lm, gen)
     sids = check.prefill([6, 3, 9])
