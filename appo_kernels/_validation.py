@@ -111,7 +111,9 @@ def check_fraction(name: str, value: object) -> float:
 
 def check_index_range(name: str, x: torch.Tensor, upper: int, ignore_index: int) -> None:
     """Every id of ``x`` in ``[0, upper)`` or equal to ``ignore_index`` (one reduction, a host
-    sync; the offending value is fetched only on failure)."""
+    sync; the offending value is fetched only on failure). Compared as int64, so narrow integer
+    dtypes do not wrap ``upper`` or ``ignore_index`` around."""
+    x = x.to(torch.int64)
     bad = ((x < 0) | (x >= upper)) & (x != ignore_index)
     if bool(bad.any()):
         raise ValueError(

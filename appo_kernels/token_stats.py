@@ -403,6 +403,12 @@ def _torch_backward(rows, tokens, lse, entropy, grad_logprob, grad_entropy, temp
 # --------------------------------------------------------------------------------------------
 
 
+def _flat_ids(tokens: torch.Tensor) -> torch.Tensor:
+    """Contiguous int64 ids (N elements, cheap): ignore_index and range comparisons stay exact
+    for narrow integer dtypes (a uint8 tensor compared with -100 would wrap around)."""
+    return tokens.reshape(-1).to(torch.int64).contiguous()
+
+
 def _check_token_ids(tokens: torch.Tensor, vocab: int, ignore_index: int) -> None:
     """One reduction over the ids; skipped while a CUDA graph is captured (no host sync)."""
     if tokens.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -415,12 +421,11 @@ def _token_stats_fwd(logits: torch.Tensor, tokens: torch.Tensor, temperature: fl
                      ignore_index: int, block_v: int, num_splits: int
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     lead = logits.shape[:-1]
-    vocab = logits.shape[-1]
-    _check_token_ids(tokens, vocab, ignore_index)
+    flat_tokens = _flat_ids(tokens)
+    _check_token_ids(flat_tokens, logits.shape[-1], ignore_index)
     if tokens.numel() == 0:
         return _empty_stats(lead, logits.device)
     rows = _row_view(logits)
-    flat_tokens = tokens.reshape(-1).contiguous()
     if use_triton(logits.device):
         out = _triton_forward(rows, flat_tokens, temperature, ignore_index, block_v, num_splits)
     else:
@@ -444,7 +449,7 @@ def _token_stats_bwd(logits: torch.Tensor, tokens: torch.Tensor, lse: torch.Tens
     rows = _row_view(logits)
     flat = [None if t is None else t.reshape(-1).to(torch.float32).contiguous()
             for t in (lse, entropy, grad_logprob, grad_entropy)]
-    flat_tokens = tokens.reshape(-1).contiguous()
+    flat_tokens = _flat_ids(tokens)
     if use_triton(logits.device):
         dx = _triton_backward(rows, flat_tokens, *flat, temperature, ignore_index, block_v,
                               num_splits)

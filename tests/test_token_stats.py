@@ -85,6 +85,17 @@ def test_peaked_rows_masked_vocab_and_temperature(backend, gen):
         assert torch.isfinite(out.entropy).all() and torch.isfinite(out.logprob).all()
 
 
+@pytest.mark.parametrize("id_dtype", [torch.uint8, torch.int16, torch.int32])
+def test_narrow_token_dtypes(backend, id_dtype, gen):
+    logits, _ = random_case(gen, (4,), 260, torch.float32)
+    tokens = torch.tensor([0, 156, 255, 3], dtype=id_dtype)  # 156 == -100 as uint8
+    out = token_stats(logits, tokens)
+    assert_stats_close(out, logits, tokens.long())
+    if id_dtype != torch.uint8:
+        tokens[2] = -100
+        assert_stats_close(token_stats(logits, tokens), logits, tokens.long())
+
+
 def test_custom_ignore_index(backend, gen):
     logits, tokens = random_case(gen, (6,), 20, torch.float32, ignore_every=None)
     tokens[1] = -1
