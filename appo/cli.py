@@ -25,7 +25,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=4, help="initial rollouts per prompt")
     p.add_argument("--b", type=int, default=2, help="branch budget per prompt (GRPO: extra rollouts)")
     p.add_argument("--lr", type=float, default=2e-5)
-    p.add_argument("--cold-start-steps", type=int, default=20)
+    p.add_argument("--cold-start-steps", type=int, default=12)
     p.add_argument("--cold-start-lr", type=float, default=1e-4)
     p.add_argument("--max-new-tokens", type=int, default=64, help="policy tokens per rollout")
     p.add_argument("--max-tool-calls", type=int, default=4)

@@ -205,16 +205,23 @@ class Trainer:
         )
         return metrics, record
 
+    def branch_candidates(self, batch: RolloutBatch, rollouts: Sequence[Rollout]) -> torch.Tensor:
+        """[R, T] bool: sampled tokens that are not whitespace-only (never prompt, observation or
+        padding); with ``keep_selected_token``, not a rollout's last token either (keeping it
+        would leave nothing to re-sample)."""
+        candidates = batch.policy_mask & ~self.whitespace[batch.tokens.clamp_min(0)]
+        if self.config.keep_selected_token:
+            last = torch.tensor([len(r.tokens) - 1 for r in rollouts], device=self.device)
+            candidates[torch.arange(len(rollouts), device=self.device), last.clamp_min(0)] = False
+        return candidates
+
     def _branch(self, initial: list[Rollout], groups: int, record: StepRecord) -> list[Rollout]:
         cfg = self.config
         batch = RolloutBatch.from_rollouts(initial, self.pad_id, self.device)
         with torch.no_grad():
             stats = token_stats(batch.response_logits(self.model), batch.tokens)
         bs = branching_score_from_stats(stats.entropy, stats.logprob, batch.behavior_logprob, batch.policy_mask)
-        candidates = batch.policy_mask & ~self.whitespace[batch.tokens.clamp_min(0)]
-        if cfg.keep_selected_token:  # keeping a rollout's last token would leave nothing to re-sample
-            last = torch.tensor([len(r.tokens) - 1 for r in initial], device=self.device)
-            candidates[torch.arange(len(initial), device=self.device), last.clamp_min(0)] = False
+        candidates = self.branch_candidates(batch, initial)
         if cfg.algo == "appo":
             score, preferred = bs.score, (bs.z_entropy > 0) & (bs.z_future > 0)
         else:  # entropy-only branching: rank by z(H) alone
