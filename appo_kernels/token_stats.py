@@ -351,9 +351,10 @@ def _row_chunks(rows: torch.Tensor):
 def _torch_forward(rows, tokens, temperature, ignore_index):
     outer, inner, vocab = rows.shape
     logprob, entropy, lse = _empty_stats((outer * inner,), rows.device)
+    inv_temp = 1.0 / temperature
     for r0, chunk in _row_chunks(rows):
         r1 = r0 + chunk.shape[0]
-        z = chunk.to(torch.float32, copy=True).mul_(1.0 / temperature)
+        z = chunk.to(torch.float32, copy=True).mul_(inv_temp)
         m = z.amax(dim=-1, keepdim=True)  # NaN propagates
         shift = m.masked_fill(m == float("-inf"), 0.0)
         # d = z - shift; -inf entries become the float32 minimum so that e^d = 0 and d e^d = 0
@@ -366,8 +367,8 @@ def _torch_forward(rows, tokens, temperature, ignore_index):
         entropy[r0:r1] = log_s - a / s
         y = tokens[r0:r1]
         in_range = (y >= 0) & (y < vocab)
-        z_y = chunk.gather(-1, torch.where(in_range, y, 0).long().unsqueeze(-1)).squeeze(-1)
-        lp = torch.where(in_range, z_y.float() / temperature - lse[r0:r1], float("nan"))
+        z_y = chunk.gather(-1, torch.where(in_range, y, 0).unsqueeze(-1)).squeeze(-1)
+        lp = torch.where(in_range, z_y.float() * inv_temp - lse[r0:r1], float("nan"))
         logprob[r0:r1] = lp.masked_fill_(y == ignore_index, 0.0)
     return logprob, entropy, lse
 
@@ -392,7 +393,7 @@ def _torch_backward(rows, tokens, lse, entropy, grad_logprob, grad_entropy, temp
             g_lp = grad_logprob[r0:r1].masked_fill(y == ignore_index, 0.0)
             dz.addcmul_(p, g_lp[:, None], value=-1.0)
             in_range = (y >= 0) & (y < vocab)
-            dz.scatter_add_(-1, torch.where(in_range, y, 0).long().unsqueeze(-1),
+            dz.scatter_add_(-1, torch.where(in_range, y, 0).unsqueeze(-1),
                             torch.where(in_range, g_lp, 0.0).unsqueeze(-1))
         dx[r0:r1] = dz.mul_(1.0 / temperature)
     return dx

@@ -10,6 +10,7 @@ import torch
 
 from appo_kernels.token_stats import (
     TokenStats,
+    _launch_config,
     _row_view,
     token_stats,
     token_stats_forward,
@@ -181,6 +182,18 @@ def test_empty_inputs(backend, shape):
     assert out.logprob.shape == out.entropy.shape == shape[:-1]
     (out.logprob.sum() + out.entropy.sum()).backward()
     assert logits.grad.shape == shape
+
+
+def test_launch_config():
+    cpu = torch.device("cpu")
+    bf16 = _launch_config(16384, 151936, torch.bfloat16, cpu)
+    assert (bf16.block_v, bf16.num_warps, bf16.num_splits) == (4096, 8, 1)  # 2 x 16 B per thread
+    fp32 = _launch_config(64, 32000, torch.float32, cpu)
+    assert (fp32.block_v, fp32.num_warps) == (2048, 8)
+    assert _launch_config(4, 50, torch.float16, cpu).block_v == 64  # capped by the row
+    forced = _launch_config(2, 100, torch.float32, cpu, block_v=16, num_splits=3)
+    assert forced.cols_per_split == 48 and forced.num_splits == 3  # 7 chunks -> 3 + 3 + 1
+    assert _launch_config(2, 40, torch.float32, cpu, block_v=16, num_splits=9).num_splits == 3
 
 
 # ----------------------------------------------------------------------------------- backward
