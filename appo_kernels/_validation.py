@@ -109,6 +109,12 @@ def check_fraction(name: str, value: object) -> float:
     return float(value)
 
 
+def capturing_cuda_graph(x: torch.Tensor) -> bool:
+    """Whether ``x`` lives on a CUDA stream that is capturing a graph: data-dependent checks (a
+    host sync) must be skipped then; the kernels stay in bounds on their own."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def check_index_range(name: str, x: torch.Tensor, upper: int, ignore_index: int) -> None:
     """Every id of ``x`` in ``[0, upper)`` or equal to ``ignore_index`` (one reduction, a host
     sync; the offending value is fetched only on failure). Compared as int64, so narrow integer

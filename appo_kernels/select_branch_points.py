@@ -28,6 +28,7 @@ import triton.language as tl
 
 from appo_kernels._backend import use_triton
 from appo_kernels._validation import (
+    capturing_cuda_graph,
     check_count,
     check_dtype,
     check_float,
@@ -154,7 +155,9 @@ def _select_branch_points_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``num_groups = -1``: ``group_ids.max() + 1`` (0 for an empty batch)."""
     B, T = score.shape
-    if B > 0:
+    # The range check reads group_ids on the host; under CUDA-graph capture (num_groups given)
+    # it is skipped: the kernel only compares ids, so an out-of-range id selects nothing.
+    if B > 0 and not (num_groups >= 0 and capturing_cuda_graph(group_ids)):
         low, high = group_ids.min().item(), group_ids.max().item()
         if num_groups < 0:
             num_groups = high + 1

@@ -412,7 +412,7 @@ def _flat_ids(tokens: torch.Tensor) -> torch.Tensor:
 
 def _check_token_ids(tokens: torch.Tensor, vocab: int, ignore_index: int) -> None:
     """One reduction over the ids; skipped while a CUDA graph is captured (no host sync)."""
-    if tokens.is_cuda and torch.cuda.is_current_stream_capturing():
+    if _validation.capturing_cuda_graph(tokens):
         return
     _validation.check_index_range("tokens", tokens, vocab, ignore_index)
 
