@@ -99,7 +99,7 @@ def rollout_tree_markdown(record: StepRecord, tokenizer, step: int, group: int =
             stats = [record.entropy, record.future_value, record.score]
             h, omega, score = ("" if s is None else f"{float(s[row, position]):.3f}" for s in stats)
             cont = _text(tokenizer, b, b.split, len(b.tokens)).replace("|", "\\|")
-            lines.append(f"| {i} | {position} | `{token}` | {h} | {omega} | {score} | "
+            lines.append(f"| {i} | {position} | <code>{token}</code> | {h} | {omega} | {score} | "
                          f"{record.rewards[i]:.0f} | {cont} |")
         lines.append("")
     return "\n".join(lines) + "\n"
