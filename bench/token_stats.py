@@ -104,9 +104,11 @@ def copy_bandwidth(device: torch.device, nbytes: int, repeats: int) -> float:
 
 
 def cpu_peak_extra_bytes(impl: str, rows: int, vocab: int, dtype: str) -> int:
-    """Peak resident memory added by one call, measured in a fresh subprocess (ru_maxrss)."""
+    """Peak resident memory added by one call, measured in a fresh subprocess from the high-water
+    mark ``VmHWM`` of /proc/self/status (``ru_maxrss`` would inherit the parent's peak across
+    fork + exec)."""
     code = f"""
-import resource, sys, torch
+import sys, torch
 sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
 import token_stats as b
 torch.manual_seed(0)
@@ -114,11 +116,18 @@ x = torch.randn({rows}, {vocab}).to(b.DTYPES[{dtype!r}])
 y = torch.randint(0, {vocab}, ({rows},))
 fn = b.implementations(torch.device("cpu"))[{impl!r}]
 fn(x[:8], y[:8])  # import / first-call costs before the baseline
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def high_water_kib():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:"))
+base = high_water_kib()
 fn(x, y)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+print((high_water_kib() - base) * 1024)
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # A fixed mmap threshold makes glibc return every large freed buffer to the OS at once, so the
+    # high-water mark measures live memory, not what the allocator kept cached.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=env)
     return int(out.stdout.strip().splitlines()[-1])
 
 
