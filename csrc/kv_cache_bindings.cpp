@@ -49,6 +49,24 @@ void check_launch(cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, "appo_kernels_kv launch failed: ", cudaGetErrorString(err));
 }
 
+// One layer's caches: two contiguous CUDA tensors [blocks, block_size, heads, head_dim] of one
+// shape, dtype and device. Returns their element type.
+ElementType check_layer_caches(const at::Tensor& key_cache, const at::Tensor& value_cache) {
+  const ElementType type = element_type(key_cache, "key_cache");
+  TORCH_CHECK_VALUE(key_cache.is_cuda(), "key_cache must be a CUDA tensor, got ",
+                    key_cache.device());
+  TORCH_CHECK_VALUE(key_cache.dim() == 4 && key_cache.is_contiguous(),
+                    "key_cache must be a contiguous [blocks, block_size, heads, head_dim] "
+                    "tensor, got shape ", key_cache.sizes());
+  TORCH_CHECK_VALUE(value_cache.sizes() == key_cache.sizes() && value_cache.is_contiguous() &&
+                        value_cache.scalar_type() == key_cache.scalar_type(),
+                    "value_cache must be contiguous with key_cache's shape ", key_cache.sizes(),
+                    " and dtype ", key_cache.scalar_type(), ", got ", value_cache.sizes(), " ",
+                    value_cache.scalar_type());
+  check_cuda(value_cache, key_cache, "value_cache");
+  return type;
+}
+
 void copy_block_prefix(at::Tensor kv, const at::Tensor& src_blocks,
                        const at::Tensor& dst_blocks, int64_t num_tokens) {
   const ElementType type = element_type(kv, "kv");
@@ -74,16 +92,7 @@ void copy_block_prefix(at::Tensor kv, const at::Tensor& src_blocks,
 
 void write_slots(at::Tensor key_cache, at::Tensor value_cache, const at::Tensor& key,
                  const at::Tensor& value, const at::Tensor& slots) {
-  const ElementType type = element_type(key_cache, "key_cache");
-  TORCH_CHECK_VALUE(key_cache.is_cuda(), "key_cache must be a CUDA tensor, got ",
-                    key_cache.device());
-  TORCH_CHECK_VALUE(key_cache.dim() == 4 && key_cache.is_contiguous(),
-                    "key_cache must be a contiguous [blocks, block_size, heads, head_dim] "
-                    "tensor, got shape ", key_cache.sizes());
-  TORCH_CHECK_VALUE(value_cache.sizes() == key_cache.sizes() && value_cache.is_contiguous(),
-                    "value_cache must be contiguous with key_cache's shape ", key_cache.sizes(),
-                    ", got ", value_cache.sizes());
-  check_cuda(value_cache, key_cache, "value_cache");
+  const ElementType type = check_layer_caches(key_cache, value_cache);
   check_index(slots, key_cache, at::kLong, "slots");
   TORCH_CHECK_VALUE(slots.dim() == 1 && slots.numel() <= kMaxGridX,
                     "slots must be 1-D with < 2^31 entries, got shape ", slots.sizes());
@@ -109,16 +118,7 @@ std::tuple<at::Tensor, at::Tensor> gather_padded(const at::Tensor& key_cache,
                                                  const at::Tensor& value_cache,
                                                  const at::Tensor& block_table,
                                                  const at::Tensor& lengths, int64_t max_len) {
-  const ElementType type = element_type(key_cache, "key_cache");
-  TORCH_CHECK_VALUE(key_cache.is_cuda(), "key_cache must be a CUDA tensor, got ",
-                    key_cache.device());
-  TORCH_CHECK_VALUE(key_cache.dim() == 4 && key_cache.is_contiguous(),
-                    "key_cache must be a contiguous [blocks, block_size, heads, head_dim] "
-                    "tensor, got shape ", key_cache.sizes());
-  TORCH_CHECK_VALUE(value_cache.sizes() == key_cache.sizes() && value_cache.is_contiguous() &&
-                        value_cache.scalar_type() == key_cache.scalar_type(),
-                    "value_cache must match key_cache's shape and dtype");
-  check_cuda(value_cache, key_cache, "value_cache");
+  const ElementType type = check_layer_caches(key_cache, value_cache);
   check_index(block_table, key_cache, at::kInt, "block_table");
   check_index(lengths, key_cache, at::kLong, "lengths");
   const auto batch = block_table.size(0), block_size = key_cache.size(1);
