@@ -34,7 +34,12 @@ from appo_kernels._validation import (
     check_same_device,
     check_shape,
 )
-from appo_kernels.discounted_future_sum import block_size, rows_last_dim_contiguous, valid_mask
+from appo_kernels.discounted_future_sum import (
+    block_size,
+    launch_device,
+    rows_last_dim_contiguous,
+    valid_mask,
+)
 from appo_kernels.future_value import (
     check_log_ratio_inputs,
     future_value_block,
@@ -180,12 +185,13 @@ def _branching_score_op(
     if B > 0 and T > 0:
         inputs = map(rows_last_dim_contiguous, (entropy, logprob, behavior_logprob, mask))
         entropy, logprob, behavior_logprob, mask = inputs
-        _branching_score_kernel[(B,)](
-            entropy, logprob, behavior_logprob, mask, score, omega, z_entropy, z_omega, T,
-            entropy.stride(0), logprob.stride(0), behavior_logprob.stride(0), mask.stride(0),
-            score.stride(0), gamma, clip,
-            BLOCK=block_size(T),
-        )
+        with launch_device(score):
+            _branching_score_kernel[(B,)](
+                entropy, logprob, behavior_logprob, mask, score, omega, z_entropy, z_omega, T,
+                entropy.stride(0), logprob.stride(0), behavior_logprob.stride(0),
+                mask.stride(0), score.stride(0), gamma, clip,
+                BLOCK=block_size(T),
+            )
     return score, omega, z_entropy, z_omega
 
 

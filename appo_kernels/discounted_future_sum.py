@@ -12,6 +12,8 @@ valid position k reaches only G_t for t <= k of its own row.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -95,6 +97,12 @@ def reverse_discounted_sum_torch(values: torch.Tensor, gamma: float) -> torch.Te
     return out
 
 
+def launch_device(t: torch.Tensor):
+    """Makes ``t``'s CUDA device current around a Triton launch: Triton launches on the current
+    device (and its current stream), not on the tensors' device. No-op for CPU tensors."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def rows_last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     """The kernels index [B, T] tensors as ``row * stride(0) + t``: last dim must be unit-stride."""
     return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
@@ -117,10 +125,11 @@ def _discounted_future_sum_op(
     if B == 0 or T == 0:
         return out
     values, mask = rows_last_dim_contiguous(values), rows_last_dim_contiguous(mask)
-    _discounted_future_sum_kernel[(B,)](
-        values, mask, out, T, values.stride(0), mask.stride(0), out.stride(0), gamma,
-        BLOCK=block_size(T),
-    )
+    with launch_device(out):
+        _discounted_future_sum_kernel[(B,)](
+            values, mask, out, T, values.stride(0), mask.stride(0), out.stride(0), gamma,
+            BLOCK=block_size(T),
+        )
     return out
 
 

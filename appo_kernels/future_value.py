@@ -25,6 +25,7 @@ from appo_kernels._validation import (
 )
 from appo_kernels.discounted_future_sum import (
     block_size,
+    launch_device,
     reverse_discounted_block,
     reverse_discounted_sum_torch,
     rows_last_dim_contiguous,
@@ -107,11 +108,12 @@ def _future_value_op(
         return out
     inputs = map(rows_last_dim_contiguous, (logprob, behavior_logprob, mask))
     logprob, behavior_logprob, mask = inputs
-    _future_value_kernel[(B,)](
-        logprob, behavior_logprob, mask, out, T,
-        logprob.stride(0), behavior_logprob.stride(0), mask.stride(0), out.stride(0), gamma, clip,
-        BLOCK=block_size(T),
-    )
+    with launch_device(out):
+        _future_value_kernel[(B,)](
+            logprob, behavior_logprob, mask, out, T, logprob.stride(0),
+            behavior_logprob.stride(0), mask.stride(0), out.stride(0), gamma, clip,
+            BLOCK=block_size(T),
+        )
     return out
 
 

@@ -38,7 +38,7 @@ from appo_kernels._validation import (
     check_shape,
     check_tensor,
 )
-from appo_kernels.discounted_future_sum import block_size, rows_last_dim_contiguous
+from appo_kernels.discounted_future_sum import block_size, launch_device, rows_last_dim_contiguous
 
 INDEX_BITS = tl.constexpr(30)
 INDEX_MASK = tl.constexpr((1 << 30) - 1)  # also the largest flat index b * T + t
@@ -180,11 +180,12 @@ def _select_branch_points_op(
     score, candidates = rows_last_dim_contiguous(score), rows_last_dim_contiguous(candidates)
     # Without a preferred mask the kernel never reads its pointer; pass candidates in its place.
     preferred = rows_last_dim_contiguous(preferred) if has_preferred else candidates
-    _select_branch_points_kernel[(num_groups,)](
-        score, candidates, preferred, group_ids, rows, positions, scores, B, T,
-        score.stride(0), candidates.stride(0), preferred.stride(0), budget,
-        HAS_PREFERRED=has_preferred, BLOCK=block_size(T),
-    )
+    with launch_device(rows):
+        _select_branch_points_kernel[(num_groups,)](
+            score, candidates, preferred, group_ids, rows, positions, scores, B, T,
+            score.stride(0), candidates.stride(0), preferred.stride(0), budget,
+            HAS_PREFERRED=has_preferred, BLOCK=block_size(T),
+        )
     return rows, positions, scores
 
 

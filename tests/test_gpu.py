@@ -177,3 +177,32 @@ def test_torch_compile_inductor_forward_backward():
     loss(logits, tokens).backward()
     torch.testing.assert_close(got, logits.grad, atol=0, rtol=0)
     torch._dynamo.reset()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_kernels_launch_on_the_tensors_device():
+    """Triton launches on the *current* device; the ops make their tensors' device current, so
+    tensors on cuda:1 work while cuda:0 is current (and give cuda:0's results bit for bit)."""
+    gen = torch.Generator().manual_seed(7)
+    B, T, V = 4, 96, 32000
+    logits = torch.randn(B, T, V, generator=gen).to(torch.bfloat16)
+    tokens = torch.randint(0, V, (B, T), generator=gen)
+    behavior = -torch.rand(B, T, generator=gen) * 5
+    mask = torch.rand(B, T, generator=gen) < 0.8
+    group_ids = torch.tensor([0, 0, 1, 1])
+    results = {}
+    for index in (0, 1):
+        dev = torch.device("cuda", index)
+        with torch.cuda.device(0):
+            x = logits.to(dev).requires_grad_()
+            stats = ak.token_stats(x, tokens.to(dev))
+            (stats.logprob.sum() + stats.entropy.sum()).backward()
+            bs = ak.branching_score(logits.to(dev), tokens.to(dev), behavior.to(dev),
+                                    mask.to(dev), gamma=0.99)
+            points = ak.select_branch_points(bs.score, mask.to(dev), group_ids.to(dev), 3,
+                                             num_groups=2)
+            scan = ak.discounted_future_sum(behavior.to(dev), mask.to(dev), gamma=0.99)
+            torch.cuda.synchronize(dev)
+        results[index] = [t.cpu() for t in (*stats, x.grad, *bs, *points, scan)]
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, atol=0, rtol=0, equal_nan=True)
