@@ -8,6 +8,9 @@
 # Usage: bash bench/gpu_session.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# The project is not pip-installed there: the benchmark scripts (run as `python bench/x.py`, so
+# sys.path[0] is bench/) import appo_kernels from the checkout.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 out=${OUT:-bench/results}
 mkdir -p "$out"
 python - <<'PY'
@@ -26,7 +29,10 @@ pytest=(python -m pytest -q -o addopts="-ra" -p no:cacheprovider)
 # fallback, the transformers adapter on CUDA. (The CPU suite is CI's job: the GPU image's triton
 # 3.6 interpreter does not run with numpy 2.4, and every kernel was compile-checked against
 # triton 3.6 on CPU already.)
-"${pytest[@]}" "${gpu_tests[@]}" 2>&1 | tail -30 | tee "$out/pytest_gpu.log"
+# The whole log is kept (failure tracebacks included); the tail is printed.
+"${pytest[@]}" "${gpu_tests[@]}" > "$out/pytest_gpu.log" 2>&1
+echo "pytest exit status: $?"
+tail -40 "$out/pytest_gpu.log"
 name=$(python -c "import torch, re; print(re.sub(r'[^A-Za-z0-9]+', '_', torch.cuda.get_device_name()).strip('_').lower())")
 python bench/token_stats.py --device cuda --out "$out/token_stats_$name.md" 2>&1 | tail -40
 python bench/kv_fork.py --device cuda --out "$out/kv_fork_$name.md" 2>&1 | tail -20
