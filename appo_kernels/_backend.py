@@ -8,6 +8,7 @@ without CUDA, so ``APPO_KERNELS_BACKEND=triton python ...`` works on its own.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -58,3 +59,9 @@ def use_triton(device: torch.device) -> bool:
             )
         return True
     return False
+
+
+def launch_device(t: torch.Tensor):
+    """Makes ``t``'s CUDA device current around a Triton launch: Triton launches on the current
+    device (and its current stream), not on the tensors' device. No-op for CPU tensors."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

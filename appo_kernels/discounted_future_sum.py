@@ -12,13 +12,11 @@ valid position k reaches only G_t for t <= k of its own row.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-from appo_kernels._backend import use_triton
+from appo_kernels._backend import launch_device, use_triton
 from appo_kernels._validation import (
     check_float,
     check_gamma,
@@ -95,12 +93,6 @@ def reverse_discounted_sum_torch(values: torch.Tensor, gamma: float) -> torch.Te
         out[..., : T - shift] = out[..., : T - shift] + decay * out[..., shift:]
         shift *= 2
     return out
-
-
-def launch_device(t: torch.Tensor):
-    """Makes ``t``'s CUDA device current around a Triton launch: Triton launches on the current
-    device (and its current stream), not on the tensors' device. No-op for CPU tensors."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def rows_last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:

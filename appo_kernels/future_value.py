@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from appo_kernels._backend import use_triton
+from appo_kernels._backend import launch_device, use_triton
 from appo_kernels._validation import (
     check_float,
     check_fraction,
@@ -25,7 +25,6 @@ from appo_kernels._validation import (
 )
 from appo_kernels.discounted_future_sum import (
     block_size,
-    launch_device,
     reverse_discounted_block,
     reverse_discounted_sum_torch,
     rows_last_dim_contiguous,

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from appo_kernels._backend import use_triton
+from appo_kernels._backend import launch_device, use_triton
 from appo_kernels._validation import (
     capturing_cuda_graph,
     check_count,
@@ -38,7 +38,7 @@ from appo_kernels._validation import (
     check_shape,
     check_tensor,
 )
-from appo_kernels.discounted_future_sum import block_size, launch_device, rows_last_dim_contiguous
+from appo_kernels.discounted_future_sum import block_size, rows_last_dim_contiguous
 
 INDEX_BITS = tl.constexpr(30)
 INDEX_MASK = tl.constexpr((1 << 30) - 1)  # also the largest flat index b * T + t

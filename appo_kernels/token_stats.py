@@ -41,13 +41,12 @@ whose logits are all ``-inf`` has no distribution and gives NaN.
 
 from __future__ import annotations
 
-import contextlib
 from typing import NamedTuple, Optional
 
 import torch
 
 from appo_kernels import _validation
-from appo_kernels._backend import HAS_TRITON, use_triton
+from appo_kernels._backend import HAS_TRITON, launch_device, use_triton
 
 if HAS_TRITON:
     import triton
@@ -283,12 +282,6 @@ def _empty_stats(shape, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return tuple(torch.empty(shape, device=device, dtype=torch.float32) for _ in range(3))
 
 
-def _launch_device(t: torch.Tensor):
-    """Makes ``t``'s CUDA device current around a Triton launch: Triton launches on the current
-    device (and its current stream), not on the tensors' device. No-op for CPU tensors."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _kernel_rows(rows: torch.Tensor) -> tuple[int, int, int]:
     """(T1, stride_outer, stride_inner) of a [R, T, V] row view, with T1 = 1 for one level."""
     outer, inner, _ = rows.shape
@@ -306,7 +299,7 @@ def _triton_forward(rows, tokens, temperature, ignore_index, block_v, num_splits
     split = cfg.num_splits > 1
     parts = torch.empty((3, n_rows * cfg.num_splits if split else 1), device=rows.device,
                         dtype=torch.float32)
-    with _launch_device(rows):
+    with launch_device(rows):
         _token_stats_fwd_kernel[(n_rows, cfg.num_splits)](
             rows, tokens, logprob, entropy, lse, parts[0], parts[1], parts[2],
             vocab, T1, stride_outer, stride_inner, cfg.cols_per_split, 1.0 / temperature,
@@ -328,7 +321,7 @@ def _triton_backward(rows, tokens, lse, entropy, grad_logprob, grad_entropy, tem
     cfg = _launch_config(n_rows, vocab, rows.dtype, rows.device, block_v, num_splits)
     T1, stride_outer, stride_inner = _kernel_rows(rows)
     dx = torch.empty((n_rows, vocab), device=rows.device, dtype=rows.dtype)
-    with _launch_device(rows):
+    with launch_device(rows):
         _token_stats_bwd_kernel[(n_rows, cfg.num_splits)](
             rows, tokens, lse, entropy,
             grad_logprob if grad_logprob is not None else lse,
