@@ -21,10 +21,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import triton
-import triton.language as tl
 
-from appo_kernels._backend import launch_device, use_triton
+from appo_kernels._backend import HAS_TRITON, launch_device, use_triton
 from appo_kernels._validation import (
     check_float,
     check_fraction,
@@ -39,15 +37,10 @@ from appo_kernels.discounted_future_sum import (
     rows_last_dim_contiguous,
     valid_mask,
 )
-from appo_kernels.future_value import (
-    check_log_ratio_inputs,
-    future_value_block,
-    future_value_torch,
-    load_log_ratio,
-)
+from appo_kernels.future_value import check_log_ratio_inputs, future_value_torch
 from appo_kernels.token_stats import token_stats_forward
 
-STD_EPS = tl.constexpr(1e-6)
+STD_EPS = 1e-6  # added to the population std of a row
 
 
 class BranchingScore(NamedTuple):
@@ -61,93 +54,103 @@ class BranchingScore(NamedTuple):
     z_future: torch.Tensor  # z(Omega), 0 at invalid positions
 
 
-@triton.jit
-def _load_scored(mask_ptr, entropy_ptr, omega_ptr, offs, T):
-    """(validity, H, Omega) at positions ``offs`` of one row (Omega as stored by pass 1)."""
-    in_row = offs < T
-    valid = tl.load(mask_ptr + offs, mask=in_row, other=0) != 0
-    entropy = tl.load(entropy_ptr + offs, mask=in_row, other=0).to(tl.float32)
-    return valid, entropy, tl.load(omega_ptr + offs, mask=in_row, other=0)
+if HAS_TRITON:  # the Triton kernels (CUDA tensors, or CPU through the interpreter)
+    import triton
+    import triton.language as tl
 
+    from appo_kernels.future_value import future_value_block, load_log_ratio
 
-@triton.jit
-def _corrected_moments(rough_mean, deviations, squared_deviations, n):
-    """Corrected two-pass moments from the deviations d = v - rough_mean of the valid values:
-    mean = rough_mean + sum(d)/n, var = sum(d^2)/n - (sum(d)/n)^2. Returns (mean, std + 1e-6)."""
-    correction = tl.sum(deviations, axis=0) / n
-    variance = tl.sum(squared_deviations, axis=0) / n - correction * correction
-    variance = tl.maximum(variance, 0.0, propagate_nan=tl.PropagateNan.ALL)
-    return rough_mean + correction, tl.sqrt(variance) + STD_EPS
+    _STD_EPS = tl.constexpr(STD_EPS)
 
-
-@triton.jit
-def _branching_score_kernel(
-    entropy_ptr, logprob_ptr, behavior_ptr, mask_ptr,
-    score_ptr, omega_ptr, z_entropy_ptr, z_omega_ptr, T,
-    stride_entropy, stride_logprob, stride_behavior, stride_mask, stride_out, gamma, clip,
-    BLOCK: tl.constexpr,
-):
-    """One program per row, three passes over the row (see the module doc):
-
-    1. blocks from the end: Omega by the reverse scan (stored), sums of H and Omega, valid count;
-    2. sums of the deviations from the pass-1 means and of their squares (corrected two-pass);
-    3. z-scores and the score.
-    """
-    row = tl.program_id(0).to(tl.int64)
-    entropy_ptr += row * stride_entropy
-    logprob_ptr += row * stride_logprob
-    behavior_ptr += row * stride_behavior
-    mask_ptr += row * stride_mask
-    score_ptr += row * stride_out
-    omega_ptr += row * stride_out
-    z_entropy_ptr += row * stride_out
-    z_omega_ptr += row * stride_out
-    num_blocks = tl.cdiv(T, BLOCK)
-
-    carry = tl.zeros((), tl.float32)
-    sum_entropy = tl.zeros((BLOCK,), tl.float32)
-    sum_omega = tl.zeros((BLOCK,), tl.float32)
-    count = tl.zeros((BLOCK,), tl.int32)
-    for i in range(num_blocks):
-        offs = (num_blocks - 1 - i) * BLOCK + tl.arange(0, BLOCK)
+    @triton.jit
+    def _load_scored(mask_ptr, entropy_ptr, omega_ptr, offs, T):
+        """(validity, H, Omega) at positions ``offs`` of one row (Omega as stored by pass 1)."""
         in_row = offs < T
-        log_ratio, valid = load_log_ratio(logprob_ptr, behavior_ptr, mask_ptr, offs, in_row)
-        omega, carry = future_value_block(log_ratio, gamma, clip, carry)
-        tl.store(omega_ptr + offs, omega, mask=in_row)
+        valid = tl.load(mask_ptr + offs, mask=in_row, other=0) != 0
         entropy = tl.load(entropy_ptr + offs, mask=in_row, other=0).to(tl.float32)
-        sum_entropy += tl.where(valid, entropy, 0.0)
-        sum_omega += tl.where(valid, omega, 0.0)
-        count += valid.to(tl.int32)
-    n = tl.maximum(tl.sum(count, axis=0), 1).to(tl.float32)
-    rough_mean_entropy = tl.sum(sum_entropy, axis=0) / n
-    rough_mean_omega = tl.sum(sum_omega, axis=0) / n
-    tl.debug_barrier()  # pass 2 reads Omega that other threads of this program stored
+        return valid, entropy, tl.load(omega_ptr + offs, mask=in_row, other=0)
 
-    dev_entropy = tl.zeros((BLOCK,), tl.float32)
-    dev_omega = tl.zeros((BLOCK,), tl.float32)
-    sq_entropy = tl.zeros((BLOCK,), tl.float32)
-    sq_omega = tl.zeros((BLOCK,), tl.float32)
-    for start in range(0, T, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        valid, entropy, omega = _load_scored(mask_ptr, entropy_ptr, omega_ptr, offs, T)
-        d_entropy = tl.where(valid, entropy - rough_mean_entropy, 0.0)
-        d_omega = tl.where(valid, omega - rough_mean_omega, 0.0)
-        dev_entropy += d_entropy
-        dev_omega += d_omega
-        sq_entropy += d_entropy * d_entropy
-        sq_omega += d_omega * d_omega
-    mean_entropy, scale_entropy = _corrected_moments(rough_mean_entropy, dev_entropy, sq_entropy, n)
-    mean_omega, scale_omega = _corrected_moments(rough_mean_omega, dev_omega, sq_omega, n)
+    @triton.jit
+    def _corrected_moments(rough_mean, deviations, squared_deviations, n):
+        """Corrected two-pass moments from the deviations d = v - rough_mean of the valid values:
+        mean = rough_mean + sum(d)/n, var = sum(d^2)/n - (sum(d)/n)^2.
+        Returns (mean, std + 1e-6)."""
+        correction = tl.sum(deviations, axis=0) / n
+        variance = tl.sum(squared_deviations, axis=0) / n - correction * correction
+        variance = tl.maximum(variance, 0.0, propagate_nan=tl.PropagateNan.ALL)
+        return rough_mean + correction, tl.sqrt(variance) + _STD_EPS
 
-    for start in range(0, T, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        valid, entropy, omega = _load_scored(mask_ptr, entropy_ptr, omega_ptr, offs, T)
-        z_entropy = tl.where(valid, (entropy - mean_entropy) / scale_entropy, 0.0)
-        z_omega = tl.where(valid, (omega - mean_omega) / scale_omega, 0.0)
-        score = tl.where(valid, z_entropy * z_omega, float("-inf"))
-        tl.store(z_entropy_ptr + offs, z_entropy, mask=offs < T)
-        tl.store(z_omega_ptr + offs, z_omega, mask=offs < T)
-        tl.store(score_ptr + offs, score, mask=offs < T)
+    @triton.jit
+    def _branching_score_kernel(
+        entropy_ptr, logprob_ptr, behavior_ptr, mask_ptr,
+        score_ptr, omega_ptr, z_entropy_ptr, z_omega_ptr, T,
+        stride_entropy, stride_logprob, stride_behavior, stride_mask, stride_out, gamma, clip,
+        BLOCK: tl.constexpr,
+    ):
+        """One program per row, three passes over the row (see the module doc):
+
+        1. blocks from the end: Omega by the reverse scan (stored), sums of H and Omega, valid
+           count;
+        2. sums of the deviations from the pass-1 means and of their squares (corrected two-pass);
+        3. z-scores and the score.
+        """
+        row = tl.program_id(0).to(tl.int64)
+        entropy_ptr += row * stride_entropy
+        logprob_ptr += row * stride_logprob
+        behavior_ptr += row * stride_behavior
+        mask_ptr += row * stride_mask
+        score_ptr += row * stride_out
+        omega_ptr += row * stride_out
+        z_entropy_ptr += row * stride_out
+        z_omega_ptr += row * stride_out
+        num_blocks = tl.cdiv(T, BLOCK)
+
+        carry = tl.zeros((), tl.float32)
+        sum_entropy = tl.zeros((BLOCK,), tl.float32)
+        sum_omega = tl.zeros((BLOCK,), tl.float32)
+        count = tl.zeros((BLOCK,), tl.int32)
+        for i in range(num_blocks):
+            offs = (num_blocks - 1 - i) * BLOCK + tl.arange(0, BLOCK)
+            in_row = offs < T
+            log_ratio, valid = load_log_ratio(logprob_ptr, behavior_ptr, mask_ptr, offs, in_row)
+            omega, carry = future_value_block(log_ratio, gamma, clip, carry)
+            tl.store(omega_ptr + offs, omega, mask=in_row)
+            entropy = tl.load(entropy_ptr + offs, mask=in_row, other=0).to(tl.float32)
+            sum_entropy += tl.where(valid, entropy, 0.0)
+            sum_omega += tl.where(valid, omega, 0.0)
+            count += valid.to(tl.int32)
+        n = tl.maximum(tl.sum(count, axis=0), 1).to(tl.float32)
+        rough_mean_entropy = tl.sum(sum_entropy, axis=0) / n
+        rough_mean_omega = tl.sum(sum_omega, axis=0) / n
+        tl.debug_barrier()  # pass 2 reads Omega that other threads of this program stored
+
+        dev_entropy = tl.zeros((BLOCK,), tl.float32)
+        dev_omega = tl.zeros((BLOCK,), tl.float32)
+        sq_entropy = tl.zeros((BLOCK,), tl.float32)
+        sq_omega = tl.zeros((BLOCK,), tl.float32)
+        for start in range(0, T, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            valid, entropy, omega = _load_scored(mask_ptr, entropy_ptr, omega_ptr, offs, T)
+            d_entropy = tl.where(valid, entropy - rough_mean_entropy, 0.0)
+            d_omega = tl.where(valid, omega - rough_mean_omega, 0.0)
+            dev_entropy += d_entropy
+            dev_omega += d_omega
+            sq_entropy += d_entropy * d_entropy
+            sq_omega += d_omega * d_omega
+        mean_entropy, scale_entropy = _corrected_moments(
+            rough_mean_entropy, dev_entropy, sq_entropy, n
+        )
+        mean_omega, scale_omega = _corrected_moments(rough_mean_omega, dev_omega, sq_omega, n)
+
+        for start in range(0, T, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            valid, entropy, omega = _load_scored(mask_ptr, entropy_ptr, omega_ptr, offs, T)
+            z_entropy = tl.where(valid, (entropy - mean_entropy) / scale_entropy, 0.0)
+            z_omega = tl.where(valid, (omega - mean_omega) / scale_omega, 0.0)
+            score = tl.where(valid, z_entropy * z_omega, float("-inf"))
+            tl.store(z_entropy_ptr + offs, z_entropy, mask=offs < T)
+            tl.store(z_omega_ptr + offs, z_omega, mask=offs < T)
+            tl.store(score_ptr + offs, score, mask=offs < T)
 
 
 def _row_z_score(values: torch.Tensor, mask: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -156,7 +159,7 @@ def _row_z_score(values: torch.Tensor, mask: torch.Tensor, count: torch.Tensor) 
     deviation = torch.where(mask, values - rough_mean, 0.0)
     correction = deviation.sum(dim=-1, keepdim=True) / count
     variance = deviation.square().sum(dim=-1, keepdim=True) / count - correction.square()
-    scale = variance.clamp(min=0).sqrt() + STD_EPS.value
+    scale = variance.clamp(min=0).sqrt() + STD_EPS
     return torch.where(mask, (values - (rough_mean + correction)) / scale, 0.0)
 
 

@@ -13,10 +13,8 @@ valid position k reaches only G_t for t <= k of its own row.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from appo_kernels._backend import launch_device, use_triton
+from appo_kernels._backend import HAS_TRITON, launch_device, use_triton
 from appo_kernels._validation import (
     check_float,
     check_gamma,
@@ -29,46 +27,48 @@ from appo_kernels._validation import (
 MAX_BLOCK = 1024  # positions per scan block; longer rows loop over blocks from the end
 
 
-@triton.jit
-def _affine_combine(decay_later, sum_later, decay_here, value_here):
-    """Composes two steps of ``G <- value + decay * G`` (the later segment is applied first)."""
-    return decay_later * decay_here, sum_later * decay_here + value_here
+if HAS_TRITON:  # the Triton kernels (CUDA tensors, or CPU through the interpreter)
+    import triton
+    import triton.language as tl
 
+    @triton.jit
+    def _affine_combine(decay_later, sum_later, decay_here, value_here):
+        """Composes two steps of ``G <- value + decay * G`` (the later segment is applied first)."""
+        return decay_later * decay_here, sum_later * decay_here + value_here
 
-@triton.jit
-def reverse_discounted_block(values, gamma, carry):
-    """Reverse discounted scan of one block given ``carry`` = G at the first position after it.
+    @triton.jit
+    def reverse_discounted_block(values, gamma, carry):
+        """Reverse discounted scan of one block given ``carry`` = G at the first position after it.
 
-    Scanning the pairs (gamma, v_t) from the end with ``_affine_combine`` gives, per position,
-    ``local_t = sum_{k >= t in block} gamma^(k-t) v_k`` and ``decay_t = gamma^(end - t)``, so
-    ``G_t = local_t + decay_t * carry``. Returns (G, G at the block's first position).
-    """
-    decay = tl.full(values.shape, gamma, tl.float32)
-    decay_to_end, local = tl.associative_scan((decay, values), 0, _affine_combine, reverse=True)
-    discounted = local + decay_to_end * carry
-    first = tl.arange(0, values.shape[0]) == 0
-    return discounted, tl.sum(tl.where(first, discounted, 0.0), axis=0)
+        Scanning the pairs (gamma, v_t) from the end with ``_affine_combine`` gives, per position,
+        ``local_t = sum_{k >= t in block} gamma^(k-t) v_k`` and ``decay_t = gamma^(end - t)``, so
+        ``G_t = local_t + decay_t * carry``. Returns (G, G at the block's first position).
+        """
+        decay = tl.full(values.shape, gamma, tl.float32)
+        decay_to_end, local = tl.associative_scan((decay, values), 0, _affine_combine, reverse=True)
+        discounted = local + decay_to_end * carry
+        first = tl.arange(0, values.shape[0]) == 0
+        return discounted, tl.sum(tl.where(first, discounted, 0.0), axis=0)
 
-
-@triton.jit
-def _discounted_future_sum_kernel(
-    values_ptr, mask_ptr, out_ptr, T, stride_values, stride_mask, stride_out, gamma,
-    BLOCK: tl.constexpr,
-):
-    """One program per row: blocks from the end of the row, carrying G between blocks."""
-    row = tl.program_id(0).to(tl.int64)
-    values_ptr += row * stride_values
-    mask_ptr += row * stride_mask
-    out_ptr += row * stride_out
-    num_blocks = tl.cdiv(T, BLOCK)
-    carry = tl.zeros((), tl.float32)
-    for i in range(num_blocks):
-        offs = (num_blocks - 1 - i) * BLOCK + tl.arange(0, BLOCK)
-        in_row = offs < T
-        valid = tl.load(mask_ptr + offs, mask=in_row, other=0) != 0
-        value = tl.load(values_ptr + offs, mask=in_row, other=0).to(tl.float32)
-        discounted, carry = reverse_discounted_block(tl.where(valid, value, 0.0), gamma, carry)
-        tl.store(out_ptr + offs, discounted, mask=in_row)
+    @triton.jit
+    def _discounted_future_sum_kernel(
+        values_ptr, mask_ptr, out_ptr, T, stride_values, stride_mask, stride_out, gamma,
+        BLOCK: tl.constexpr,
+    ):
+        """One program per row: blocks from the end of the row, carrying G between blocks."""
+        row = tl.program_id(0).to(tl.int64)
+        values_ptr += row * stride_values
+        mask_ptr += row * stride_mask
+        out_ptr += row * stride_out
+        num_blocks = tl.cdiv(T, BLOCK)
+        carry = tl.zeros((), tl.float32)
+        for i in range(num_blocks):
+            offs = (num_blocks - 1 - i) * BLOCK + tl.arange(0, BLOCK)
+            in_row = offs < T
+            valid = tl.load(mask_ptr + offs, mask=in_row, other=0) != 0
+            value = tl.load(values_ptr + offs, mask=in_row, other=0).to(tl.float32)
+            discounted, carry = reverse_discounted_block(tl.where(valid, value, 0.0), gamma, carry)
+            tl.store(out_ptr + offs, discounted, mask=in_row)
 
 
 def block_size(T: int) -> int:

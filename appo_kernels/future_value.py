@@ -10,10 +10,8 @@ NaN propagates: a NaN log-ratio at a valid position k makes Omega_t NaN for t <=
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from appo_kernels._backend import launch_device, use_triton
+from appo_kernels._backend import HAS_TRITON, launch_device, use_triton
 from appo_kernels._validation import (
     check_float,
     check_fraction,
@@ -25,56 +23,63 @@ from appo_kernels._validation import (
 )
 from appo_kernels.discounted_future_sum import (
     block_size,
-    reverse_discounted_block,
     reverse_discounted_sum_torch,
     rows_last_dim_contiguous,
     valid_mask,
 )
 
-LOG_GAIN_LIMIT = tl.constexpr(20.0)  # |G| is clamped to this before exp
+LOG_GAIN_LIMIT = 20.0  # |G| is clamped to this before exp
 
+if HAS_TRITON:  # the Triton kernels (CUDA tensors, or CPU through the interpreter)
+    import triton
+    import triton.language as tl
 
-@triton.jit
-def future_value_block(log_ratio, gamma, clip, carry):
-    """Omega over one block of masked log-ratios, given G after the block (see the module doc).
+    from appo_kernels.discounted_future_sum import reverse_discounted_block
 
-    Returns (Omega, G at the block's first position) so that callers chain blocks from the end.
-    """
-    gain, carry = reverse_discounted_block(log_ratio, gamma, carry)
-    gain = tl.clamp(gain, -LOG_GAIN_LIMIT, LOG_GAIN_LIMIT, propagate_nan=tl.PropagateNan.ALL)
-    omega = tl.clamp(tl.exp(gain), 1.0 - clip, 1.0 + clip, propagate_nan=tl.PropagateNan.ALL)
-    return omega, carry
+    _LOG_GAIN_LIMIT = tl.constexpr(LOG_GAIN_LIMIT)
 
+    @triton.jit
+    def future_value_block(log_ratio, gamma, clip, carry):
+        """Omega over one block of masked log-ratios, given G after the block (see the module doc).
 
-@triton.jit
-def load_log_ratio(logprob_ptr, behavior_ptr, mask_ptr, offs, in_row):
-    """(l_t with 0 at invalid positions, validity) for the positions ``offs`` of one row."""
-    valid = tl.load(mask_ptr + offs, mask=in_row, other=0) != 0
-    logprob = tl.load(logprob_ptr + offs, mask=in_row, other=0).to(tl.float32)
-    behavior = tl.load(behavior_ptr + offs, mask=in_row, other=0).to(tl.float32)
-    return tl.where(valid, logprob - behavior, 0.0), valid
+        Returns (Omega, G at the block's first position) so that callers chain blocks from the
+        end.
+        """
+        gain, carry = reverse_discounted_block(log_ratio, gamma, carry)
+        gain = tl.clamp(
+            gain, -_LOG_GAIN_LIMIT, _LOG_GAIN_LIMIT, propagate_nan=tl.PropagateNan.ALL
+        )
+        omega = tl.clamp(tl.exp(gain), 1.0 - clip, 1.0 + clip, propagate_nan=tl.PropagateNan.ALL)
+        return omega, carry
 
+    @triton.jit
+    def load_log_ratio(logprob_ptr, behavior_ptr, mask_ptr, offs, in_row):
+        """(l_t with 0 at invalid positions, validity) for the positions ``offs`` of one row."""
+        valid = tl.load(mask_ptr + offs, mask=in_row, other=0) != 0
+        logprob = tl.load(logprob_ptr + offs, mask=in_row, other=0).to(tl.float32)
+        behavior = tl.load(behavior_ptr + offs, mask=in_row, other=0).to(tl.float32)
+        return tl.where(valid, logprob - behavior, 0.0), valid
 
-@triton.jit
-def _future_value_kernel(
-    logprob_ptr, behavior_ptr, mask_ptr, out_ptr, T,
-    stride_logprob, stride_behavior, stride_mask, stride_out, gamma, clip,
-    BLOCK: tl.constexpr,
-):
-    """One program per row: blocks from the end of the row, carrying G between blocks."""
-    row = tl.program_id(0).to(tl.int64)
-    logprob_ptr += row * stride_logprob
-    behavior_ptr += row * stride_behavior
-    mask_ptr += row * stride_mask
-    out_ptr += row * stride_out
-    num_blocks = tl.cdiv(T, BLOCK)
-    carry = tl.zeros((), tl.float32)
-    for i in range(num_blocks):
-        offs = (num_blocks - 1 - i) * BLOCK + tl.arange(0, BLOCK)
-        in_row = offs < T
-        log_ratio, _ = load_log_ratio(logprob_ptr, behavior_ptr, mask_ptr, offs, in_row)
-        omega, carry = future_value_block(log_ratio, gamma, clip, carry)
-        tl.store(out_ptr + offs, omega, mask=in_row)
+    @triton.jit
+    def _future_value_kernel(
+        logprob_ptr, behavior_ptr, mask_ptr, out_ptr, T,
+        stride_logprob, stride_behavior, stride_mask, stride_out, gamma, clip,
+        BLOCK: tl.constexpr,
+    ):
+        """One program per row: blocks from the end of the row, carrying G between blocks."""
+        row = tl.program_id(0).to(tl.int64)
+        logprob_ptr += row * stride_logprob
+        behavior_ptr += row * stride_behavior
+        mask_ptr += row * stride_mask
+        out_ptr += row * stride_out
+        num_blocks = tl.cdiv(T, BLOCK)
+        carry = tl.zeros((), tl.float32)
+        for i in range(num_blocks):
+            offs = (num_blocks - 1 - i) * BLOCK + tl.arange(0, BLOCK)
+            in_row = offs < T
+            log_ratio, _ = load_log_ratio(logprob_ptr, behavior_ptr, mask_ptr, offs, in_row)
+            omega, carry = future_value_block(log_ratio, gamma, clip, carry)
+            tl.store(out_ptr + offs, omega, mask=in_row)
 
 
 def future_value_torch(
@@ -86,7 +91,7 @@ def future_value_torch(
 ) -> torch.Tensor:
     """PyTorch path: the same math on [B, T] tensors (``mask`` bool)."""
     log_ratio = torch.where(mask, logprob.float() - behavior_logprob.float(), 0.0)
-    limit = LOG_GAIN_LIMIT.value
+    limit = LOG_GAIN_LIMIT
     gain = reverse_discounted_sum_torch(log_ratio, gamma).clamp(-limit, limit)
     return gain.exp().clamp(1.0 - clip, 1.0 + clip)
 

@@ -23,10 +23,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import triton
-import triton.language as tl
 
-from appo_kernels._backend import launch_device, use_triton
+from appo_kernels._backend import HAS_TRITON, launch_device, use_triton
 from appo_kernels._validation import (
     capturing_cuda_graph,
     check_count,
@@ -40,9 +38,9 @@ from appo_kernels._validation import (
 )
 from appo_kernels.discounted_future_sum import block_size, rows_last_dim_contiguous
 
-INDEX_BITS = tl.constexpr(30)
-INDEX_MASK = tl.constexpr((1 << 30) - 1)  # also the largest flat index b * T + t
-TIER_BIT = tl.constexpr(1 << 62)
+INDEX_BITS = 30
+INDEX_MASK = (1 << INDEX_BITS) - 1  # also the largest flat index b * T + t
+TIER_BIT = 1 << 62
 
 
 class BranchPoints(NamedTuple):
@@ -53,64 +51,75 @@ class BranchPoints(NamedTuple):
     scores: torch.Tensor  # float32 score at the pick; -inf when the group has no candidate
 
 
-@triton.jit
-def _rank_keys(score_ptr, candidates_ptr, preferred_ptr, row, T, offs, HAS_PREFERRED: tl.constexpr):
-    """Packed ranking key of positions ``offs`` of ``row`` (module doc); -1 for non-candidates."""
-    in_row = offs < T
-    score = tl.load(score_ptr + offs, mask=in_row, other=float("-inf")).to(tl.float32)
-    allowed = tl.load(candidates_ptr + offs, mask=in_row, other=0) != 0
-    is_candidate = allowed & (score > float("-inf"))  # NaN compares false
-    score = tl.where(score == 0.0, 0.0, score)  # -0.0 ranks as +0.0
-    bits = score.to(tl.int32, bitcast=True)
-    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64) + 2147483648
-    reversed_index = INDEX_MASK - (row * T + offs)
-    key = (ordered << INDEX_BITS) | reversed_index
-    if HAS_PREFERRED:
-        preferred = tl.load(preferred_ptr + offs, mask=in_row, other=0) != 0
-        key = tl.where(preferred, key | TIER_BIT, key)
-    return tl.where(is_candidate, key, -1)
+if HAS_TRITON:  # the Triton kernels (CUDA tensors, or CPU through the interpreter)
+    import triton
+    import triton.language as tl
 
+    _INDEX_BITS = tl.constexpr(INDEX_BITS)
+    _INDEX_MASK = tl.constexpr(INDEX_MASK)
+    _TIER_BIT = tl.constexpr(TIER_BIT)
 
-@triton.jit
-def _select_branch_points_kernel(
-    score_ptr, candidates_ptr, preferred_ptr, group_ids_ptr, rows_ptr, positions_ptr, scores_ptr,
-    B, T, stride_score, stride_candidates, stride_preferred, budget,
-    HAS_PREFERRED: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """One program per group, ``budget`` rounds. Round j takes the largest key below the previous
-    pick over the group's rows; when none is left it wraps to the group's first pick, so short
-    groups repeat their ranking in order."""
-    group = tl.program_id(0)
-    out = group.to(tl.int64) * budget
-    previous = tl.full((), 0x7FFFFFFFFFFFFFFF, tl.int64)
-    first = tl.full((), -1, tl.int64)
-    for slot in range(budget):
-        best = tl.full((), -1, tl.int64)
-        for row in range(B):
-            if tl.load(group_ids_ptr + row) == group:
-                r = tl.cast(row, tl.int64)
-                for start in range(0, T, BLOCK):
-                    keys = _rank_keys(
-                        score_ptr + r * stride_score,
-                        candidates_ptr + r * stride_candidates,
-                        preferred_ptr + r * stride_preferred,
-                        r, T, start + tl.arange(0, BLOCK), HAS_PREFERRED,
-                    )
-                    best = tl.maximum(best, tl.max(tl.where(keys < previous, keys, -1), axis=0))
-        if best < 0:
-            best = first
-        if slot == 0:
-            first = best
-        previous = best
-        flat = INDEX_MASK - (best & INDEX_MASK)
-        pick_row = tl.where(best < 0, -1, flat // T)
-        pick_position = tl.where(best < 0, -1, flat % T)
-        pick_score = tl.load(
-            score_ptr + pick_row * stride_score + pick_position, mask=best >= 0, other=float("-inf")
-        ).to(tl.float32)
-        tl.store(rows_ptr + out + slot, pick_row)
-        tl.store(positions_ptr + out + slot, pick_position)
-        tl.store(scores_ptr + out + slot, pick_score)
+    @triton.jit
+    def _rank_keys(
+        score_ptr, candidates_ptr, preferred_ptr, row, T, offs, HAS_PREFERRED: tl.constexpr
+    ):
+        """Packed ranking key of positions ``offs`` of ``row`` (module doc); -1 for
+        non-candidates."""
+        in_row = offs < T
+        score = tl.load(score_ptr + offs, mask=in_row, other=float("-inf")).to(tl.float32)
+        allowed = tl.load(candidates_ptr + offs, mask=in_row, other=0) != 0
+        is_candidate = allowed & (score > float("-inf"))  # NaN compares false
+        score = tl.where(score == 0.0, 0.0, score)  # -0.0 ranks as +0.0
+        bits = score.to(tl.int32, bitcast=True)
+        ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64) + 2147483648
+        reversed_index = _INDEX_MASK - (row * T + offs)
+        key = (ordered << _INDEX_BITS) | reversed_index
+        if HAS_PREFERRED:
+            preferred = tl.load(preferred_ptr + offs, mask=in_row, other=0) != 0
+            key = tl.where(preferred, key | _TIER_BIT, key)
+        return tl.where(is_candidate, key, -1)
+
+    @triton.jit
+    def _select_branch_points_kernel(
+        score_ptr, candidates_ptr, preferred_ptr, group_ids_ptr, rows_ptr, positions_ptr,
+        scores_ptr, B, T, stride_score, stride_candidates, stride_preferred, budget,
+        HAS_PREFERRED: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        """One program per group, ``budget`` rounds. Round j takes the largest key below the
+        previous pick over the group's rows; when none is left it wraps to the group's first
+        pick, so short groups repeat their ranking in order."""
+        group = tl.program_id(0)
+        out = group.to(tl.int64) * budget
+        previous = tl.full((), 0x7FFFFFFFFFFFFFFF, tl.int64)
+        first = tl.full((), -1, tl.int64)
+        for slot in range(budget):
+            best = tl.full((), -1, tl.int64)
+            for row in range(B):
+                if tl.load(group_ids_ptr + row) == group:
+                    r = tl.cast(row, tl.int64)
+                    for start in range(0, T, BLOCK):
+                        keys = _rank_keys(
+                            score_ptr + r * stride_score,
+                            candidates_ptr + r * stride_candidates,
+                            preferred_ptr + r * stride_preferred,
+                            r, T, start + tl.arange(0, BLOCK), HAS_PREFERRED,
+                        )
+                        best = tl.maximum(best, tl.max(tl.where(keys < previous, keys, -1), axis=0))
+            if best < 0:
+                best = first
+            if slot == 0:
+                first = best
+            previous = best
+            flat = _INDEX_MASK - (best & _INDEX_MASK)
+            pick_row = tl.where(best < 0, -1, flat // T)
+            pick_position = tl.where(best < 0, -1, flat % T)
+            pick_score = tl.load(
+                score_ptr + pick_row * stride_score + pick_position, mask=best >= 0,
+                other=float("-inf"),
+            ).to(tl.float32)
+            tl.store(rows_ptr + out + slot, pick_row)
+            tl.store(positions_ptr + out + slot, pick_position)
+            tl.store(scores_ptr + out + slot, pick_score)
 
 
 def _select_torch(score, candidates, preferred, group_ids, num_groups, budget):
@@ -240,7 +249,7 @@ def select_branch_points(
     )
     budget = check_count("budget", budget, minimum=1)
     num_groups = -1 if num_groups is None else check_count("num_groups", num_groups)
-    if score.numel() > INDEX_MASK.value + 1:
+    if score.numel() > INDEX_MASK + 1:
         raise ValueError(f"score must have at most 2^30 positions, got {score.numel()}")
     rows, positions, scores = _select_branch_points_op(
         score.detach(), candidates, preferred, group_ids, num_groups, budget
