@@ -24,7 +24,8 @@ How one step runs (``_step``), for a batch of sequences with ``past[b]`` cached 
     paged caches, ``flash_attn`` installed): attention reads the blocks in place through the
     block table with ``flash_attn_with_kvcache`` -- nothing is gathered. Its causal mask is
     bottom-right aligned (query ``i`` sees keys ``<= length[b] - q + i``), which is exactly the
-    left-padded layout above; padding queries see no key and come out as zeros.
+    left-padded layout above; padding queries' outputs are never read (only the last column
+    reaches the LM head).
 
 Position ids and masks follow from the cached lengths, so forked and truncated sequences need no
 special handling: to re-sample token ``t`` of a sequence, ``fork(sid, 1, at=t - 1)`` and
