@@ -291,6 +291,14 @@ class PagedKVCache:
                 f"slots must be in [0, {self.num_blocks * self.block_size}), got values in "
                 f"[{low}, {high}]"
             )
+        self._write_reserved(layer, key, value, slots)
+
+    def _write_reserved(
+        self, layer: int, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor
+    ) -> None:
+        """``write`` without its checks, for callers in this package that pass the slots
+        ``reserve`` just returned (the transformers adapter, once per layer and step): no host
+        sync on the decode path."""
         ops.write_slots(self.key_cache[layer], self.value_cache[layer], key, value, slots)
 
     def gather(

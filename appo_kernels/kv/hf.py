@@ -71,8 +71,9 @@ def _flash_path_supported(
 class _PagedStep(Cache):
     """The ``transformers.Cache`` of one forward step over a batch of paged sequences.
 
-    ``update`` stores the new tokens' K/V (``[B, kv_heads, q, head_dim]``, left-padded; ``valid``
-    marks the real tokens, whose slots are ``slots`` in row-major order). On the torch path it
+    ``update`` stores the new tokens' K/V (``[B, kv_heads, q, head_dim]``, left-padded;
+    ``token_index`` lists the real tokens as flat ``b * q + column`` indices, whose slots are
+    ``slots`` in the same order). On the torch path it
     returns the gathered K/V of the whole batch; on the flash path (``flash_attn`` set) it
     returns its inputs unchanged and :func:`_paged_flash_attention` reads the blocks in place.
     """
@@ -81,7 +82,7 @@ class _PagedStep(Cache):
         self,
         cache: PagedKVCache,
         slots: torch.Tensor,
-        valid: torch.Tensor,
+        token_index: torch.Tensor,
         lengths: torch.Tensor,
         max_length: int,
         block_table: torch.Tensor,
@@ -90,7 +91,7 @@ class _PagedStep(Cache):
         super().__init__(layers=[])
         self.cache = cache
         self.slots = slots
-        self.valid = valid
+        self.token_index = token_index
         self.lengths = lengths  # int64 [B]: cached tokens after this step
         self.max_length = max_length
         self.block_table = block_table
@@ -101,9 +102,11 @@ class _PagedStep(Cache):
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = self.cache.dtype
-        new_keys = key_states.transpose(1, 2)[self.valid].to(dtype)  # [tokens, kv_heads, head_dim]
-        new_values = value_states.transpose(1, 2)[self.valid].to(dtype)
-        self.cache.write(layer_idx, new_keys, new_values, self.slots)
+        new_keys, new_values = (  # [tokens, kv_heads, head_dim]; integer indexing: no host sync
+            states.transpose(1, 2).flatten(0, 1).index_select(0, self.token_index).to(dtype)
+            for states in (key_states, value_states)
+        )
+        self.cache._write_reserved(layer_idx, new_keys, new_values, self.slots)
         if self.flash_attn is not None:
             return key_states, value_states
         keys, values = gather_padded(
@@ -364,11 +367,14 @@ class PagedCausalLM:
         lengths = torch.tensor(new_lengths, device=device)
         columns = torch.arange(q, device=device)
         positions = (lengths[:, None] - q + columns).clamp_min(0)  # [B, q]
-        valid = columns >= q - torch.tensor(counts, device=device)[:, None]  # real (not pad) tokens
+        token_index = torch.tensor(  # the real (not padding) tokens, row-major
+            [b * q + column for b, n in enumerate(counts) for column in range(q - n, q)],
+            device=device,
+        )
         step = _PagedStep(
             self.cache,
             slots,
-            valid,
+            token_index,
             lengths,
             max(new_lengths),
             self.cache.block_table(sids),
