@@ -67,25 +67,27 @@ def check_same_device(named: dict[str, torch.Tensor]) -> torch.device:
     return first.device
 
 
-def check_positive(name: str, value: object) -> float:
+def _check_real(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+
+
+def check_positive(name: str, value: object) -> float:
+    _check_real(name, value)
     if not value > 0 or value != value or value == float("inf"):
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return float(value)
 
 
 def check_gamma(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    _check_real(name, value)
     if not 0.0 < value <= 1.0:
         raise ValueError(f"{name} must be in (0, 1], got {value}")
     return float(value)
 
 
 def check_nonneg(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    _check_real(name, value)
     if not value >= 0 or value == float("inf"):
         raise ValueError(f"{name} must be a finite number >= 0, got {value}")
     return float(value)
@@ -102,8 +104,7 @@ def check_count(name: str, value: object, minimum: int = 0) -> int:
 
 def check_fraction(name: str, value: object) -> float:
     """A real number in [0, 1): clip ranges, probabilities of leaving something out."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    _check_real(name, value)
     if not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {value}")
     return float(value)
