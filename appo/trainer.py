@@ -246,7 +246,10 @@ class Trainer:
             torch.tensor([r.split for r in rollouts], device=device),
             full.policy_mask, train_branches=cfg.train_branches)
         rows = [i for i, r in enumerate(rollouts) if cfg.train_branches or not r.is_branch]
-        batch = RolloutBatch.from_rollouts([rollouts[i] for i in rows], self.pad_id, device)
+        if len(rows) == len(rollouts):  # every row is trained on: that batch is ``full``
+            batch = full
+        else:  # without the branch rows (narrower padding)
+            batch = RolloutBatch.from_rollouts([rollouts[i] for i in rows], self.pad_id, device)
         advantages = advantages[rows][:, :batch.tokens.shape[1]]
         mask = batch.policy_mask
         learns = bool(advantages.abs().max() > 0) or self.reference is not None
