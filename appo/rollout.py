@@ -192,6 +192,7 @@ class RolloutEngine:
         if ANSWER_CLOSE_TAG in turn:
             rollout.stop = "answer"
             return None
+        feed = [token]
         call_end = min((turn.find(tag) + len(tag) for tag in CALL_CLOSE_TAGS if tag in turn), default=-1)
         if call_end >= 0:
             if rollout.tool_calls >= self.config.max_tool_calls:
@@ -201,14 +202,11 @@ class RolloutEngine:
             rollout.append(observation, True)
             rollout.tool_calls += 1
             rollout.turn_start = len(rollout.tokens)
-            if rollout.generated >= self.config.max_new_tokens:
-                rollout.stop = "length"
-                return None
-            return [token, *observation]
-        if rollout.generated >= self.config.max_new_tokens:
+            feed += observation
+        if rollout.generated >= self.config.max_new_tokens:  # observations do not count
             rollout.stop = "length"
             return None
-        return [token]
+        return feed
 
     def _advance(self, rollouts: list[Rollout], feeds: list[list[int]]) -> torch.Tensor:
         sids = [r.sid for r in rollouts]
