@@ -116,6 +116,12 @@ def capturing_cuda_graph(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
+def min_max(x: torch.Tensor) -> tuple[int | float, int | float]:
+    """The smallest and largest value of a non-empty tensor, read with one host sync."""
+    low, high = torch.stack([x.min(), x.max()]).tolist()
+    return low, high
+
+
 def check_index_range(name: str, x: torch.Tensor, upper: int, ignore_index: int) -> None:
     """Every id of ``x`` in ``[0, upper)`` or equal to ``ignore_index`` (one reduction, a host
     sync; the offending value is fetched only on failure). Compared as int64, so narrow integer

@@ -35,6 +35,7 @@ from appo_kernels._validation import (
     check_same_device,
     check_shape,
     check_tensor,
+    min_max,
 )
 from appo_kernels.discounted_future_sum import block_size, rows_last_dim_contiguous
 
@@ -167,7 +168,7 @@ def _select_branch_points_op(
     # The range check reads group_ids on the host; under CUDA-graph capture (num_groups given)
     # it is skipped: the kernel only compares ids, so an out-of-range id selects nothing.
     if B > 0 and not (num_groups >= 0 and capturing_cuda_graph(group_ids)):
-        low, high = group_ids.min().item(), group_ids.max().item()
+        low, high = min_max(group_ids)
         if num_groups < 0:
             num_groups = high + 1
         if low < 0 or high >= num_groups:

@@ -36,6 +36,7 @@ from appo_kernels._validation import (
     check_int,
     check_ndim,
     check_shape,
+    min_max,
 )
 from appo_kernels.kv import ops
 
@@ -285,7 +286,7 @@ class PagedKVCache:
         if slots.numel() == 0:
             return
         slots = slots.long()
-        low, high = torch.stack([slots.min(), slots.max()]).tolist()  # one host sync
+        low, high = min_max(slots)
         if low < 0 or high >= self.num_blocks * self.block_size:
             raise ValueError(
                 f"slots must be in [0, {self.num_blocks * self.block_size}), got values in "
