@@ -31,7 +31,6 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 import appo_kernels as ak
 
