@@ -22,14 +22,13 @@ import torch
 
 from appo_kernels._validation import (
     FLOAT_DTYPES,
-    check_dtype,
+    check_bool,
     check_float,
     check_int,
     check_mask,
     check_ndim,
     check_same_device,
     check_shape,
-    check_tensor,
 )
 
 NORM_EPS = 1e-6
@@ -38,7 +37,7 @@ NORM_EPS = 1e-6
 def _validate(rewards, group_ids, is_branch, parent, split, response_mask) -> None:
     check_float("rewards", rewards, FLOAT_DTYPES + (torch.float64,))
     check_ndim("rewards", rewards, 1, "[R]")
-    check_dtype("is_branch", check_tensor("is_branch", is_branch), (torch.bool,), "a bool tensor")
+    check_bool("is_branch", is_branch)
     named = {"group_ids": group_ids, "is_branch": is_branch, "parent": parent, "split": split}
     for name, x in named.items():
         if name != "is_branch":

@@ -37,6 +37,12 @@ def check_int(name: str, x: object) -> torch.Tensor:
     return x
 
 
+def check_bool(name: str, x: object, what: str = "a bool tensor") -> torch.Tensor:
+    x = check_tensor(name, x)
+    check_dtype(name, x, (torch.bool,), what)
+    return x
+
+
 def check_mask(name: str, x: object) -> torch.Tensor:
     """A {0, 1} mask: bool, integer or floating. Returned as given; callers convert."""
     x = check_tensor(name, x)

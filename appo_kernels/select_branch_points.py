@@ -27,14 +27,13 @@ import torch
 from appo_kernels._backend import HAS_TRITON, launch_device, use_triton
 from appo_kernels._validation import (
     capturing_cuda_graph,
+    check_bool,
     check_count,
-    check_dtype,
     check_float,
     check_int,
     check_ndim,
     check_same_device,
     check_shape,
-    check_tensor,
     min_max,
 )
 from appo_kernels.discounted_future_sum import block_size, rows_last_dim_contiguous
@@ -236,12 +235,10 @@ def select_branch_points(
     """
     check_float("score", score)
     check_ndim("score", score, 2, "[B, T]")
-    check_tensor("candidates", candidates)
-    check_dtype("candidates", candidates, (torch.bool,), "a bool tensor")
+    check_bool("candidates", candidates)
     check_shape("candidates", candidates, score.shape, "score")
     if preferred is not None:
-        check_tensor("preferred", preferred)
-        check_dtype("preferred", preferred, (torch.bool,), "a bool tensor or None")
+        check_bool("preferred", preferred, "a bool tensor or None")
         check_shape("preferred", preferred, score.shape, "score")
     check_int("group_ids", group_ids)
     check_shape("group_ids", group_ids, score.shape[:1], "score.shape[:1]")
