@@ -182,22 +182,15 @@ class PagedKVCache:
         )
         self._require_free(needed, "reserve")
 
-        slots = []
+        slots: list[int] = []  # plain ints: a decode step adds one slot per sequence
+        size = self.block_size
         for seq, count in zip(seqs, counts):
             start = seq.length
             seq.length += count
             while len(seq.blocks) < self._blocks_for(seq.length):
                 seq.blocks.append(self._allocate())
-            first, offset = divmod(start, self.block_size)  # only the blocks the new tokens touch
-            blocks = torch.tensor(seq.blocks[first:], dtype=torch.int64)
-            positions = torch.arange(offset, offset + count)
-            slots.append(
-                blocks[positions // self.block_size] * self.block_size
-                + positions % self.block_size
-            )
-        if not slots:
-            return torch.empty(0, dtype=torch.int64, device=self.device)
-        return torch.cat(slots).to(self.device)
+            slots.extend(seq.blocks[p // size] * size + p % size for p in range(start, seq.length))
+        return torch.tensor(slots, dtype=torch.int64).to(self.device)
 
     def fork(self, sid: int, n: int, at: int | None = None) -> list[int]:
         """``n`` new sequences holding ``sid``'s first ``at`` tokens (default: all of them).
