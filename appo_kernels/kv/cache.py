@@ -337,12 +337,10 @@ class PagedKVCache:
             raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer}")
 
     def _block_table(self, seqs: list[_Sequence]) -> torch.Tensor:
-        table = torch.zeros(
-            (len(seqs), max((len(s.blocks) for s in seqs), default=0)), dtype=torch.int32
-        )
-        for row, seq in enumerate(seqs):
-            table[row, : len(seq.blocks)] = torch.tensor(seq.blocks, dtype=torch.int32)
-        return table.to(self.device)
+        width = max((len(s.blocks) for s in seqs), default=0)
+        rows = [s.blocks + [0] * (width - len(s.blocks)) for s in seqs]
+        # reshape: torch.tensor([]) of an empty batch would be 1-D
+        return torch.tensor(rows, dtype=torch.int32).reshape(len(seqs), width).to(self.device)
 
     def _require_free(self, needed: int, what: str) -> None:
         if needed > len(self._free):
