@@ -58,7 +58,9 @@ def _validate(rewards, group_ids, is_branch, parent, split, response_mask) -> No
     parent = parent.long()
     if (parent[~is_branch] != -1).any():
         bad = int(torch.nonzero((parent != -1) & ~is_branch)[0])
-        raise ValueError(f"parent of an initial row must be -1, got parent[{bad}] = {int(parent[bad])}")
+        raise ValueError(
+            f"parent of an initial row must be -1, got parent[{bad}] = {int(parent[bad])}"
+        )
     branch_rows = torch.nonzero(is_branch).squeeze(1)
     branch_parent = parent[branch_rows]
     in_range = (branch_parent >= 0) & (branch_parent < rows)
@@ -74,7 +76,9 @@ def _validate(rewards, group_ids, is_branch, parent, split, response_mask) -> No
     split_ok = (branch_split >= 0) & (branch_split <= length)
     if not split_ok.all():
         bad = int(branch_rows[~split_ok][0])
-        raise ValueError(f"split of branch row {bad} must be in [0, {length}], got {int(split[bad])}")
+        raise ValueError(
+            f"split of branch row {bad} must be in [0, {length}], got {int(split[bad])}"
+        )
 
 
 def group_normalized_rewards(
@@ -109,7 +113,8 @@ def procedure_advantages(
         rewards: ``[R]`` float, one reward per rollout.
         group_ids: ``[R]`` integer prompt-group id.
         is_branch: ``[R]`` bool, True for branch rollouts.
-        parent: ``[R]`` integer, the row of the initial rollout a branch came from; -1 for initial rows.
+        parent: ``[R]`` integer, the row of the initial rollout a branch came from; -1 for
+            initial rows.
         split: ``[R]`` integer, a branch's first re-sampled position, in ``[0, T]`` (ignored for
             initial rows), in the token coordinates of ``response_mask``.
         response_mask: ``[R, T]`` {0, 1}: the tokens the policy generated (not prompt, tool

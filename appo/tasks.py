@@ -68,7 +68,9 @@ def _task(kind: str, items: tuple[str, ...], prompt: str, expression: str, answe
 
 def _one_item() -> list[Task]:
     return [
-        _task("one_item", (x,), f"What do {a} {_plural(x)} cost?", f"{a}*{PRICES[x]}", a * PRICES[x])
+        _task(
+            "one_item", (x,), f"What do {a} {_plural(x)} cost?", f"{a}*{PRICES[x]}", a * PRICES[x]
+        )
         for x in PRICES
         for a in range(2, 10)
     ]
@@ -76,8 +78,13 @@ def _one_item() -> list[Task]:
 
 def _two_items() -> list[Task]:
     return [
-        _task("two_items", (x, y), f"What do {a} {_plural(x)} and {b} {_plural(y)} cost?",
-              f"{a}*{PRICES[x]}+{b}*{PRICES[y]}", a * PRICES[x] + b * PRICES[y])
+        _task(
+            "two_items",
+            (x, y),
+            f"What do {a} {_plural(x)} and {b} {_plural(y)} cost?",
+            f"{a}*{PRICES[x]}+{b}*{PRICES[y]}",
+            a * PRICES[x] + b * PRICES[y],
+        )
         for x, y in itertools.permutations(PRICES, 2)
         for a in range(2, 6)
         for b in range(2, 6)
@@ -90,18 +97,28 @@ def _change() -> list[Task]:
         for a in range(2, 7):
             cost = a * PRICES[x]
             for paid in (10 * (cost // 10 + 1), 10 * (cost // 10 + 2)):
-                tasks.append(_task(
-                    "change", (x,),
-                    f"I buy {a} {_plural(x)} and pay with {paid} dollars. How much change do I get?",
-                    f"{paid}-{a}*{PRICES[x]}", paid - cost))
+                tasks.append(
+                    _task(
+                        "change",
+                        (x,),
+                        f"I buy {a} {_plural(x)} and pay with {paid} dollars. "
+                        "How much change do I get?",
+                        f"{paid}-{a}*{PRICES[x]}",
+                        paid - cost,
+                    )
+                )
     return tasks
 
 
 def _difference() -> list[Task]:
     return [
-        _task("difference", (x, y),
-              f"How much more does one {_singular(x)} cost than one {_singular(y)}?",
-              f"{PRICES[x]}-{PRICES[y]}", PRICES[x] - PRICES[y])
+        _task(
+            "difference",
+            (x, y),
+            f"How much more does one {_singular(x)} cost than one {_singular(y)}?",
+            f"{PRICES[x]}-{PRICES[y]}",
+            PRICES[x] - PRICES[y],
+        )
         for x, y in itertools.permutations(PRICES, 2)
         if PRICES[x] > PRICES[y]
     ]
@@ -110,8 +127,12 @@ def _difference() -> list[Task]:
 @functools.cache
 def _pools() -> dict[tuple[str, str], tuple[Task, ...]]:
     """Every question, by (split, kind)."""
-    builders = {"one_item": _one_item, "two_items": _two_items, "change": _change,
-                "difference": _difference}
+    builders = {
+        "one_item": _one_item,
+        "two_items": _two_items,
+        "change": _change,
+        "difference": _difference,
+    }
     pools: dict[tuple[str, str], list[Task]] = {(s, k): [] for s in SPLITS for k in KINDS}
     for kind in KINDS:
         for task in builders[kind]():
@@ -155,7 +176,9 @@ def reward(task: Task, response_text: str) -> float:
     answer = answer.replace(",", "").removeprefix("$").strip()
     if not _NUMBER.fullmatch(answer):
         return 0.0
-    return 1.0 if math.isclose(float(answer), float(task.answer), rel_tol=0.0, abs_tol=1e-9) else 0.0
+    return (
+        1.0 if math.isclose(float(answer), float(task.answer), rel_tol=0.0, abs_tol=1e-9) else 0.0
+    )
 
 
 def demonstration(task: Task) -> str:
@@ -169,8 +192,13 @@ def demonstration(task: Task) -> str:
     return "\n".join(lines)
 
 
-_EXAMPLE = _task("two_items", ("lemon", "cup"), "What do 2 lemons and 3 cups cost?",
-                 f"2*{PRICES['lemon']}+3*{PRICES['cup']}", 2 * PRICES["lemon"] + 3 * PRICES["cup"])
+_EXAMPLE = _task(
+    "two_items",
+    ("lemon", "cup"),
+    "What do 2 lemons and 3 cups cost?",
+    f"2*{PRICES['lemon']}+3*{PRICES['cup']}",
+    2 * PRICES["lemon"] + 3 * PRICES["cup"],
+)
 
 
 def system_prompt() -> str:

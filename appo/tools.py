@@ -41,14 +41,46 @@ MAX_EXPONENT = 64
 # Unit prices in whole dollars, and the singular / plural phrases that questions use for each item.
 # ``lookup`` accepts the item name or either phrase, in any case and spacing.
 PRICES: dict[str, int] = {
-    "apple": 4, "pear": 7, "banana": 2, "orange": 5, "lemon": 3, "mango": 9, "peach": 6,
-    "plum": 2, "melon": 8, "kiwi": 3, "egg": 1, "bread": 5, "cheese": 9, "milk": 3, "tea": 6,
-    "coffee": 8, "rice": 4, "soap": 2, "candle": 6, "pencil": 1, "pen": 3, "notebook": 5,
-    "stamp": 2, "ticket": 9, "towel": 7, "cup": 4, "plate": 6, "spoon": 2, "fork": 2, "lamp": 8,
+    "apple": 4,
+    "pear": 7,
+    "banana": 2,
+    "orange": 5,
+    "lemon": 3,
+    "mango": 9,
+    "peach": 6,
+    "plum": 2,
+    "melon": 8,
+    "kiwi": 3,
+    "egg": 1,
+    "bread": 5,
+    "cheese": 9,
+    "milk": 3,
+    "tea": 6,
+    "coffee": 8,
+    "rice": 4,
+    "soap": 2,
+    "candle": 6,
+    "pencil": 1,
+    "pen": 3,
+    "notebook": 5,
+    "stamp": 2,
+    "ticket": 9,
+    "towel": 7,
+    "cup": 4,
+    "plate": 6,
+    "spoon": 2,
+    "fork": 2,
+    "lamp": 8,
 }
-_MEASURED = {"bread": ("loaf", "loaves"), "cheese": ("piece", "pieces"), "milk": ("bottle", "bottles"),
-             "tea": ("box", "boxes"), "coffee": ("bag", "bags"), "rice": ("bag", "bags"),
-             "soap": ("bar", "bars")}
+_MEASURED = {
+    "bread": ("loaf", "loaves"),
+    "cheese": ("piece", "pieces"),
+    "milk": ("bottle", "bottles"),
+    "tea": ("box", "boxes"),
+    "coffee": ("bag", "bags"),
+    "rice": ("bag", "bags"),
+    "soap": ("bar", "bars"),
+}
 ITEM_PHRASES: dict[str, tuple[str, str]] = {
     name: (f"{_MEASURED[name][0]} of {name}", f"{_MEASURED[name][1]} of {name}")
     if name in _MEASURED

@@ -66,10 +66,16 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if isinstance(self.max_tool_calls, bool) or not isinstance(self.max_tool_calls, int) or self.max_tool_calls < 0:
+        if (
+            isinstance(self.max_tool_calls, bool)
+            or not isinstance(self.max_tool_calls, int)
+            or self.max_tool_calls < 0
+        ):
             raise ValueError(f"max_tool_calls must be an int >= 0, got {self.max_tool_calls!r}")
         if not self.lr > 0 or not self.cold_start_lr > 0:
-            raise ValueError(f"lr and cold_start_lr must be > 0, got {self.lr}, {self.cold_start_lr}")
+            raise ValueError(
+                f"lr and cold_start_lr must be > 0, got {self.lr}, {self.cold_start_lr}"
+            )
 
 
 @dataclass
@@ -88,25 +94,42 @@ class StepRecord:
 class Trainer:
     """Owns the policy, its optimizer, the paged-cache LM and the rollout engines."""
 
-    def __init__(self, model, tokenizer, config: TrainConfig, *,
-                 reward_fn: Callable[[Task, str], float] = reward, max_concurrent: int = 16):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        config: TrainConfig,
+        *,
+        reward_fn: Callable[[Task, str], float] = reward,
+        max_concurrent: int = 16,
+    ):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.reward_fn = reward_fn
         self.device = next(model.parameters()).device
         self.system = system_prompt()
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        )
         self.reference = copy.deepcopy(model).requires_grad_(False) if config.kl_coef > 0 else None
 
         per_step = config.prompts_per_step * (config.n + config.b)
         prompt_budget = len(prompt_ids(tokenizer, self.system, "")) + 128
         seq_tokens = prompt_budget + config.max_new_tokens + 24 * config.max_tool_calls
         blocks_per_seq = -(-seq_tokens // config.block_size) + 1
-        self.lm = PagedCausalLM(model, num_blocks=max(per_step, max_concurrent) * blocks_per_seq,
-                                block_size=config.block_size)
-        rollout_config = RolloutConfig(max_new_tokens=config.max_new_tokens, max_tool_calls=config.max_tool_calls)
+        self.lm = PagedCausalLM(
+            model,
+            num_blocks=max(per_step, max_concurrent) * blocks_per_seq,
+            block_size=config.block_size,
+        )
+        rollout_config = RolloutConfig(
+            max_new_tokens=config.max_new_tokens, max_tool_calls=config.max_tool_calls
+        )
         self.engine = RolloutEngine(self.lm, tokenizer, rollout_config)
         self.greedy_engine = RolloutEngine(
-            self.lm, tokenizer, RolloutConfig(config.max_new_tokens, config.max_tool_calls, greedy=True))
+            self.lm,
+            tokenizer,
+            RolloutConfig(config.max_new_tokens, config.max_tool_calls, greedy=True),
+        )
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         vocab = model.config.vocab_size
@@ -126,18 +149,24 @@ class Trainer:
         for start, end in observation_spans(text) + [(len(text), len(text))]:
             for segment, observation in ((text[cursor:start], False), (text[start:end], True)):
                 if segment:
-                    rollout.append(self.tokenizer.encode(segment, add_special_tokens=False), observation)
+                    rollout.append(
+                        self.tokenizer.encode(segment, add_special_tokens=False), observation
+                    )
             cursor = end
         return rollout
 
     def cold_start(self, tasks: Sequence[Task], steps: int, progress=None) -> list[float]:
         """Supervised fine-tune on demonstrations (loss on the policy's tokens only; observation
         tokens excluded, as in RL). Returns the loss of each step."""
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.config.cold_start_lr, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=self.config.cold_start_lr, weight_decay=0.0
+        )
         size, losses = self.config.cold_start_batch, []
         for step in range(steps):
             chunk = [tasks[(step * size + i) % len(tasks)] for i in range(size)]
-            rollouts = [self.demonstration_rollout(t, p) for t, p in zip(chunk, self.prompts(chunk))]
+            rollouts = [
+                self.demonstration_rollout(t, p) for t, p in zip(chunk, self.prompts(chunk))
+            ]
             batch = RolloutBatch.from_rollouts(rollouts, self.pad_id, self.device)
             stats = token_stats(batch.response_logits(self.model), batch.tokens)
             mask = batch.policy_mask
@@ -159,7 +188,7 @@ class Trainer:
         rollout."""
         rewards, calls, tokens = [], [], []
         for start in range(0, len(tasks), batch_size):
-            chunk = list(tasks[start:start + batch_size])
+            chunk = list(tasks[start : start + batch_size])
             rollouts = self.greedy_engine.sample(self.prompts(chunk), range(len(chunk)))
             self.greedy_engine.release(rollouts)
             for task, r in zip(chunk, rollouts):
@@ -167,8 +196,11 @@ class Trainer:
                 calls.append(r.tool_calls)
                 tokens.append(r.generated)
         count = max(len(rewards), 1)
-        return {"accuracy": sum(rewards) / count, "tool_calls": sum(calls) / count,
-                "tokens": sum(tokens) / count}
+        return {
+            "accuracy": sum(rewards) / count,
+            "tool_calls": sum(calls) / count,
+            "tokens": sum(tokens) / count,
+        }
 
     # ------------------------------------------------------------------------------------------
     def step(self, tasks: Sequence[Task]) -> tuple[dict[str, float], StepRecord]:
@@ -176,8 +208,11 @@ class Trainer:
         cfg, started = self.config, time.perf_counter()
         prompts = self.prompts(tasks)
         per_prompt = cfg.n + cfg.b if cfg.algo == "grpo" else cfg.n
-        initial = self.engine.sample([p for p in prompts for _ in range(per_prompt)],
-                                     [g for g in range(len(prompts)) for _ in range(per_prompt)], self.generator)
+        initial = self.engine.sample(
+            [p for p in prompts for _ in range(per_prompt)],
+            [g for g in range(len(prompts)) for _ in range(per_prompt)],
+            self.generator,
+        )
         record = StepRecord(list(tasks), initial, [])
         branches: list[Rollout] = []
         try:
@@ -187,7 +222,9 @@ class Trainer:
             self.engine.release(initial + branches)
         rollouts = initial + branches
         record.rollouts = rollouts
-        record.rewards = [self.reward_fn(tasks[r.group], self.tokenizer.decode(r.tokens)) for r in rollouts]
+        record.rewards = [
+            self.reward_fn(tasks[r.group], self.tokenizer.decode(r.tokens)) for r in rollouts
+        ]
         generated_at = time.perf_counter()
 
         metrics = self._update(rollouts, record.rewards)
@@ -220,7 +257,9 @@ class Trainer:
         batch = RolloutBatch.from_rollouts(initial, self.pad_id, self.device)
         with torch.no_grad():
             stats = token_stats(batch.response_logits(self.model), batch.tokens)
-        bs = branching_score_from_stats(stats.entropy, stats.logprob, batch.behavior_logprob, batch.policy_mask)
+        bs = branching_score_from_stats(
+            stats.entropy, stats.logprob, batch.behavior_logprob, batch.policy_mask
+        )
         candidates = self.branch_candidates(batch, initial)
         if cfg.algo == "appo":
             score, preferred = bs.score, (bs.z_entropy > 0) & (bs.z_future > 0)
@@ -228,11 +267,23 @@ class Trainer:
             score = torch.where(batch.policy_mask, bs.z_entropy, float("-inf"))
             preferred = None
         group_ids = torch.tensor([r.group for r in initial], device=self.device)
-        points = select_branch_points(score, candidates, group_ids, cfg.b, preferred=preferred, num_groups=groups)
-        pairs = [(r, t) for r, t in zip(points.rows.flatten().tolist(), points.positions.flatten().tolist()) if r >= 0]
+        points = select_branch_points(
+            score, candidates, group_ids, cfg.b, preferred=preferred, num_groups=groups
+        )
+        pairs = [
+            (r, t)
+            for r, t in zip(points.rows.flatten().tolist(), points.positions.flatten().tolist())
+            if r >= 0
+        ]
         record.branch_points = pairs
-        record.entropy, record.future_value, record.score = bs.entropy.cpu(), bs.future_value.cpu(), score.cpu()
-        return self.engine.branch(initial, pairs, self.generator, keep_selected_token=cfg.keep_selected_token)
+        record.entropy, record.future_value, record.score = (
+            bs.entropy.cpu(),
+            bs.future_value.cpu(),
+            score.cpu(),
+        )
+        return self.engine.branch(
+            initial, pairs, self.generator, keep_selected_token=cfg.keep_selected_token
+        )
 
     def _update(self, rollouts: list[Rollout], rewards: list[float]) -> dict[str, float]:
         """Advantages, loss and one optimizer step on the trained rows."""
@@ -244,32 +295,51 @@ class Trainer:
             torch.tensor([r.is_branch for r in rollouts], device=device),
             torch.tensor([r.parent for r in rollouts], device=device),
             torch.tensor([r.split for r in rollouts], device=device),
-            full.policy_mask, train_branches=cfg.train_branches)
+            full.policy_mask,
+            train_branches=cfg.train_branches,
+        )
         rows = [i for i, r in enumerate(rollouts) if cfg.train_branches or not r.is_branch]
         if len(rows) == len(rollouts):  # every row is trained on: that batch is ``full``
             batch = full
         else:  # without the branch rows (narrower padding)
             batch = RolloutBatch.from_rollouts([rollouts[i] for i in rows], self.pad_id, device)
-        advantages = advantages[rows][:, :batch.tokens.shape[1]]
+        advantages = advantages[rows][:, : batch.tokens.shape[1]]
         mask = batch.policy_mask
         learns = bool(advantages.abs().max() > 0) or self.reference is not None
 
         with torch.set_grad_enabled(learns):
             stats = token_stats(batch.response_logits(self.model), batch.tokens)
-        entropy = float(torch.where(mask, stats.entropy.detach(), 0.0).sum() / mask.sum().clamp_min(1))
+        entropy = float(
+            torch.where(mask, stats.entropy.detach(), 0.0).sum() / mask.sum().clamp_min(1)
+        )
         if not learns:  # every group has equal rewards: the loss and its gradient are exactly 0
             return {"loss": 0.0, "entropy": entropy, "grad_norm": 0.0, "updated": 0.0}
         ref_logprob = None
         if self.reference is not None:
             with torch.no_grad():
-                ref_logprob = token_stats(batch.response_logits(self.reference), batch.tokens).logprob
+                ref_logprob = token_stats(
+                    batch.response_logits(self.reference), batch.tokens
+                ).logprob
         scaled = future_likelihood_scale(advantages, stats.logprob, batch.behavior_logprob, mask)
-        loss, loss_metrics = policy_loss(stats.logprob, batch.behavior_logprob, scaled, mask,
-                                         ref_logprob=ref_logprob, kl_coef=cfg.kl_coef)
+        loss, loss_metrics = policy_loss(
+            stats.logprob,
+            batch.behavior_logprob,
+            scaled,
+            mask,
+            ref_logprob=ref_logprob,
+            kl_coef=cfg.kl_coef,
+        )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": float(loss.detach()), "entropy": entropy, "grad_norm": grad_norm, "updated": 1.0,
-                **{k: v for k, v in loss_metrics.items() if k in ("clip_frac_high", "ratio_mean", "kl")}}
+        return {
+            "loss": float(loss.detach()),
+            "entropy": entropy,
+            "grad_norm": grad_norm,
+            "updated": 1.0,
+            **{
+                k: v for k, v in loss_metrics.items() if k in ("clip_frac_high", "ratio_mean", "kl")
+            },
+        }

@@ -6,11 +6,11 @@ Every op runs on CUDA tensors through Triton kernels and on CPU tensors through 
 ``torch.compile`` and CUDA graphs capture them.
 """
 
-from appo_kernels.token_stats import TokenStats, token_stats
+from appo_kernels.branching_score import BranchingScore, branching_score, branching_score_from_stats
 from appo_kernels.discounted_future_sum import discounted_future_sum
 from appo_kernels.future_value import future_value
-from appo_kernels.branching_score import BranchingScore, branching_score, branching_score_from_stats
 from appo_kernels.select_branch_points import BranchPoints, select_branch_points
+from appo_kernels.token_stats import TokenStats, token_stats
 
 __version__ = "0.1.0"
 

@@ -25,7 +25,9 @@ def check_dtype(name: str, x: torch.Tensor, allowed: Sequence[torch.dtype], what
         raise TypeError(f"{name} must be {what} ({', '.join(map(str, allowed))}), got {x.dtype}")
 
 
-def check_float(name: str, x: object, allowed: Sequence[torch.dtype] = FLOAT_DTYPES) -> torch.Tensor:
+def check_float(
+    name: str, x: object, allowed: Sequence[torch.dtype] = FLOAT_DTYPES
+) -> torch.Tensor:
     x = check_tensor(name, x)
     check_dtype(name, x, allowed, "a floating tensor")
     return x
@@ -139,3 +141,31 @@ def check_index_range(name: str, x: torch.Tensor, upper: int, ignore_index: int)
             f"{name} must hold ids in [0, {upper}) or ignore_index={ignore_index}, "
             f"got {x[bad][0].item()}"
         )
+
+
+def check_device(name: str, device: object) -> torch.device:
+    """A device this process can use, as a ``torch.device``; a bare ``"cuda"`` becomes the current
+    CUDA device (``cuda:0``, say), so that it compares equal to the device of tensors put there."""
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"{name} must be a str or torch.device, got {type(device).__name__}")
+    try:
+        device = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(
+            f"{name} must name a device such as 'cpu' or 'cuda:0', got {device!r}"
+        ) from error
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"{name} is {str(device)!r} but this torch build or machine has no CUDA device"
+            )
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise ValueError(
+                f"{name} is {str(device)!r} but only {torch.cuda.device_count()} CUDA "
+                "device(s) exist"
+            )
+        device = torch.device("cuda", index)
+    elif device.type != "cpu":
+        raise ValueError(f"{name} must be a CPU or CUDA device, got {str(device)!r}")
+    return device

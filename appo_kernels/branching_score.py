@@ -82,9 +82,22 @@ if HAS_TRITON:  # the Triton kernels (CUDA tensors, or CPU through the interpret
 
     @triton.jit
     def _branching_score_kernel(
-        entropy_ptr, logprob_ptr, behavior_ptr, mask_ptr,
-        score_ptr, omega_ptr, z_entropy_ptr, z_omega_ptr, T,
-        stride_entropy, stride_logprob, stride_behavior, stride_mask, stride_out, gamma, clip,
+        entropy_ptr,
+        logprob_ptr,
+        behavior_ptr,
+        mask_ptr,
+        score_ptr,
+        omega_ptr,
+        z_entropy_ptr,
+        z_omega_ptr,
+        T,
+        stride_entropy,
+        stride_logprob,
+        stride_behavior,
+        stride_mask,
+        stride_out,
+        gamma,
+        clip,
         BLOCK: tl.constexpr,
     ):
         """One program per row, three passes over the row (see the module doc):
@@ -189,9 +202,22 @@ def _branching_score_op(
         entropy, logprob, behavior_logprob, mask = inputs
         with launch_device(score):
             _branching_score_kernel[(B,)](
-                entropy, logprob, behavior_logprob, mask, score, omega, z_entropy, z_omega, T,
-                entropy.stride(0), logprob.stride(0), behavior_logprob.stride(0),
-                mask.stride(0), score.stride(0), gamma, clip,
+                entropy,
+                logprob,
+                behavior_logprob,
+                mask,
+                score,
+                omega,
+                z_entropy,
+                z_omega,
+                T,
+                entropy.stride(0),
+                logprob.stride(0),
+                behavior_logprob.stride(0),
+                mask.stride(0),
+                score.stride(0),
+                gamma,
+                clip,
                 BLOCK=block_size(T),
             )
     return score, omega, z_entropy, z_omega

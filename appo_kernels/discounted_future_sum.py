@@ -52,7 +52,14 @@ if HAS_TRITON:  # the Triton kernels (CUDA tensors, or CPU through the interpret
 
     @triton.jit
     def _discounted_future_sum_kernel(
-        values_ptr, mask_ptr, out_ptr, T, stride_values, stride_mask, stride_out, gamma,
+        values_ptr,
+        mask_ptr,
+        out_ptr,
+        T,
+        stride_values,
+        stride_mask,
+        stride_out,
+        gamma,
         BLOCK: tl.constexpr,
     ):
         """One program per row: blocks from the end of the row, carrying G between blocks."""
@@ -119,7 +126,14 @@ def _discounted_future_sum_op(
     values, mask = rows_last_dim_contiguous(values), rows_last_dim_contiguous(mask)
     with launch_device(out):
         _discounted_future_sum_kernel[(B,)](
-            values, mask, out, T, values.stride(0), mask.stride(0), out.stride(0), gamma,
+            values,
+            mask,
+            out,
+            T,
+            values.stride(0),
+            mask.stride(0),
+            out.stride(0),
+            gamma,
             BLOCK=block_size(T),
         )
     return out

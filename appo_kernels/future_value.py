@@ -46,9 +46,7 @@ if HAS_TRITON:  # the Triton kernels (CUDA tensors, or CPU through the interpret
         end.
         """
         gain, carry = reverse_discounted_block(log_ratio, gamma, carry)
-        gain = tl.clamp(
-            gain, -_LOG_GAIN_LIMIT, _LOG_GAIN_LIMIT, propagate_nan=tl.PropagateNan.ALL
-        )
+        gain = tl.clamp(gain, -_LOG_GAIN_LIMIT, _LOG_GAIN_LIMIT, propagate_nan=tl.PropagateNan.ALL)
         omega = tl.clamp(tl.exp(gain), 1.0 - clip, 1.0 + clip, propagate_nan=tl.PropagateNan.ALL)
         return omega, carry
 
@@ -62,8 +60,17 @@ if HAS_TRITON:  # the Triton kernels (CUDA tensors, or CPU through the interpret
 
     @triton.jit
     def _future_value_kernel(
-        logprob_ptr, behavior_ptr, mask_ptr, out_ptr, T,
-        stride_logprob, stride_behavior, stride_mask, stride_out, gamma, clip,
+        logprob_ptr,
+        behavior_ptr,
+        mask_ptr,
+        out_ptr,
+        T,
+        stride_logprob,
+        stride_behavior,
+        stride_mask,
+        stride_out,
+        gamma,
+        clip,
         BLOCK: tl.constexpr,
     ):
         """One program per row: blocks from the end of the row, carrying G between blocks."""
@@ -114,8 +121,17 @@ def _future_value_op(
     logprob, behavior_logprob, mask = inputs
     with launch_device(out):
         _future_value_kernel[(B,)](
-            logprob, behavior_logprob, mask, out, T, logprob.stride(0),
-            behavior_logprob.stride(0), mask.stride(0), out.stride(0), gamma, clip,
+            logprob,
+            behavior_logprob,
+            mask,
+            out,
+            T,
+            logprob.stride(0),
+            behavior_logprob.stride(0),
+            mask.stride(0),
+            out.stride(0),
+            gamma,
+            clip,
             BLOCK=block_size(T),
         )
     return out

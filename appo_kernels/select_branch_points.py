@@ -81,9 +81,21 @@ if HAS_TRITON:  # the Triton kernels (CUDA tensors, or CPU through the interpret
 
     @triton.jit
     def _select_branch_points_kernel(
-        score_ptr, candidates_ptr, preferred_ptr, group_ids_ptr, rows_ptr, positions_ptr,
-        scores_ptr, B, T, stride_score, stride_candidates, stride_preferred, budget,
-        HAS_PREFERRED: tl.constexpr, BLOCK: tl.constexpr,
+        score_ptr,
+        candidates_ptr,
+        preferred_ptr,
+        group_ids_ptr,
+        rows_ptr,
+        positions_ptr,
+        scores_ptr,
+        B,
+        T,
+        stride_score,
+        stride_candidates,
+        stride_preferred,
+        budget,
+        HAS_PREFERRED: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
         """One program per group, ``budget`` rounds. Round j takes the largest key below the
         previous pick over the group's rows; when none is left it wraps to the group's first
@@ -102,7 +114,10 @@ if HAS_TRITON:  # the Triton kernels (CUDA tensors, or CPU through the interpret
                             score_ptr + r * stride_score,
                             candidates_ptr + r * stride_candidates,
                             preferred_ptr + r * stride_preferred,
-                            r, T, start + tl.arange(0, BLOCK), HAS_PREFERRED,
+                            r,
+                            T,
+                            start + tl.arange(0, BLOCK),
+                            HAS_PREFERRED,
                         )
                         best = tl.maximum(best, tl.max(tl.where(keys < previous, keys, -1), axis=0))
             if best < 0:
@@ -114,7 +129,8 @@ if HAS_TRITON:  # the Triton kernels (CUDA tensors, or CPU through the interpret
             pick_row = tl.where(best < 0, -1, flat // T)
             pick_position = tl.where(best < 0, -1, flat % T)
             pick_score = tl.load(
-                score_ptr + pick_row * stride_score + pick_position, mask=best >= 0,
+                score_ptr + pick_row * stride_score + pick_position,
+                mask=best >= 0,
                 other=float("-inf"),
             ).to(tl.float32)
             tl.store(rows_ptr + out + slot, pick_row)
@@ -191,9 +207,21 @@ def _select_branch_points_op(
     preferred = rows_last_dim_contiguous(preferred) if has_preferred else candidates
     with launch_device(rows):
         _select_branch_points_kernel[(num_groups,)](
-            score, candidates, preferred, group_ids, rows, positions, scores, B, T,
-            score.stride(0), candidates.stride(0), preferred.stride(0), budget,
-            HAS_PREFERRED=has_preferred, BLOCK=block_size(T),
+            score,
+            candidates,
+            preferred,
+            group_ids,
+            rows,
+            positions,
+            scores,
+            B,
+            T,
+            score.stride(0),
+            candidates.stride(0),
+            preferred.stride(0),
+            budget,
+            HAS_PREFERRED=has_preferred,
+            BLOCK=block_size(T),
         )
     return rows, positions, scores
 

@@ -24,14 +24,16 @@ Entry points
 
 Layout: ``logits`` is ``[..., V]`` with a contiguous last dimension. The leading dimensions are
 read in place when they collapse into at most two strided levels, so ``logits[:, :-1]`` of a
-``[B, T, V]`` tensor costs no copy (row ``r`` lives at ``(r // T) * stride_0 + (r % T) * stride_1``).
+``[B, T, V]`` tensor costs no copy (row ``r`` lives at
+``(r // T) * stride_0 + (r % T) * stride_1``).
 A copy is made only when no such view exists or when the last dimension is not contiguous.
 
 Backends: CUDA tensors run the Triton kernels below; CPU tensors run a chunked PyTorch path of the
 same math (extra memory bounded by a few MB per chunk, independent of N * V);
 ``APPO_KERNELS_BACKEND=triton|torch`` forces one (on CPU, ``triton`` means Triton's interpreter).
 Both are behind the ``torch.library`` custom ops ``appo_kernels::token_stats_fwd`` and
-``appo_kernels::token_stats_bwd``, so ``torch.compile(fullgraph=True)`` and CUDA graphs capture them.
+``appo_kernels::token_stats_bwd``, so ``torch.compile(fullgraph=True)`` and CUDA graphs capture
+them.
 
 Bad input: token ids outside ``[0, V)`` other than ``ignore_index`` raise ``ValueError`` (checked
 with one reduction, skipped while a CUDA graph is being captured; the kernels never read out of
@@ -41,7 +43,7 @@ whose logits are all ``-inf`` has no distribution and gives NaN.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
@@ -121,8 +123,20 @@ if HAS_TRITON:
         return w * s, w * (a + d * s)
 
     @triton.jit
-    def _store_row_stats(row, m, s, a, x_row, tokens_ptr, logprob_ptr, entropy_ptr, lse_ptr, V,
-                         inv_temp, ignore_index):
+    def _store_row_stats(
+        row,
+        m,
+        s,
+        a,
+        x_row,
+        tokens_ptr,
+        logprob_ptr,
+        entropy_ptr,
+        lse_ptr,
+        V,
+        inv_temp,
+        ignore_index,
+    ):
         """lse = m + log s, entropy = log s - a / s, logprob = z_y - lse (one scalar load of
         x[row, y]; 0 for ignore_index, NaN for an id outside [0, V), never read out of bounds)."""
         log_s = tl.log(s)
@@ -138,9 +152,23 @@ if HAS_TRITON:
 
     @triton.jit
     def _token_stats_fwd_kernel(
-        x_ptr, tokens_ptr, logprob_ptr, entropy_ptr, lse_ptr, part_m_ptr, part_s_ptr, part_a_ptr,
-        V, T1, stride_outer, stride_inner, cols_per_split, inv_temp, ignore_index,
-        BLOCK_V: tl.constexpr, SPLIT: tl.constexpr,
+        x_ptr,
+        tokens_ptr,
+        logprob_ptr,
+        entropy_ptr,
+        lse_ptr,
+        part_m_ptr,
+        part_s_ptr,
+        part_a_ptr,
+        V,
+        T1,
+        stride_outer,
+        stride_inner,
+        cols_per_split,
+        inv_temp,
+        ignore_index,
+        BLOCK_V: tl.constexpr,
+        SPLIT: tl.constexpr,
     ):
         """Program (row, split) streams columns [split * cols_per_split, ...) of one row in
         BLOCK_V chunks, keeping (m, s, a). When the max grows from m to m', with c = e^(m - m'):
@@ -171,13 +199,38 @@ if HAS_TRITON:
             tl.store(part_s_ptr + part, s)
             tl.store(part_a_ptr + part, a)
         else:
-            _store_row_stats(row, m, s, a, x_row, tokens_ptr, logprob_ptr, entropy_ptr, lse_ptr,
-                             V, inv_temp, ignore_index)
+            _store_row_stats(
+                row,
+                m,
+                s,
+                a,
+                x_row,
+                tokens_ptr,
+                logprob_ptr,
+                entropy_ptr,
+                lse_ptr,
+                V,
+                inv_temp,
+                ignore_index,
+            )
 
     @triton.jit
     def _token_stats_merge_kernel(
-        x_ptr, tokens_ptr, logprob_ptr, entropy_ptr, lse_ptr, part_m_ptr, part_s_ptr, part_a_ptr,
-        V, T1, stride_outer, stride_inner, num_splits, inv_temp, ignore_index,
+        x_ptr,
+        tokens_ptr,
+        logprob_ptr,
+        entropy_ptr,
+        lse_ptr,
+        part_m_ptr,
+        part_s_ptr,
+        part_a_ptr,
+        V,
+        T1,
+        stride_outer,
+        stride_inner,
+        num_splits,
+        inv_temp,
+        ignore_index,
         SPLITS_POW2: tl.constexpr,
     ):
         """Merges a row's partials: M = max m_i, S = sum s_i e^(m_i - M),
@@ -192,14 +245,40 @@ if HAS_TRITON:
         m = tl.max(m_i, axis=0)
         s_i, a_i = _rebase(m_i, s_i, a_i, m)
         x_row = x_ptr + _row_offset(row, T1, stride_outer, stride_inner)
-        _store_row_stats(row, m, tl.sum(s_i, axis=0), tl.sum(a_i, axis=0), x_row, tokens_ptr,
-                         logprob_ptr, entropy_ptr, lse_ptr, V, inv_temp, ignore_index)
+        _store_row_stats(
+            row,
+            m,
+            tl.sum(s_i, axis=0),
+            tl.sum(a_i, axis=0),
+            x_row,
+            tokens_ptr,
+            logprob_ptr,
+            entropy_ptr,
+            lse_ptr,
+            V,
+            inv_temp,
+            ignore_index,
+        )
 
     @triton.jit
     def _token_stats_bwd_kernel(
-        x_ptr, tokens_ptr, lse_ptr, entropy_ptr, grad_logprob_ptr, grad_entropy_ptr, dx_ptr,
-        V, T1, stride_outer, stride_inner, cols_per_split, inv_temp, ignore_index,
-        HAS_GRAD_LOGPROB: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+        x_ptr,
+        tokens_ptr,
+        lse_ptr,
+        entropy_ptr,
+        grad_logprob_ptr,
+        grad_entropy_ptr,
+        dx_ptr,
+        V,
+        T1,
+        stride_outer,
+        stride_inner,
+        cols_per_split,
+        inv_temp,
+        ignore_index,
+        HAS_GRAD_LOGPROB: tl.constexpr,
+        HAS_GRAD_ENTROPY: tl.constexpr,
+        BLOCK_V: tl.constexpr,
     ):
         """dx_j = (1/tau) [g_lp (1[j = y] - p_j) - g_H p_j (z_j - lse + H)], p_j = e^(z_j - lse);
         program (row, split) streams its columns once (read x, write dx in x's dtype)."""
@@ -254,8 +333,14 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _launch_config(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device,
-                   block_v: int = 0, num_splits: int = 0) -> _LaunchConfig:
+def _launch_config(
+    n_rows: int,
+    vocab: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    block_v: int = 0,
+    num_splits: int = 0,
+) -> _LaunchConfig:
     """Chunk size, warps and vocabulary splits for a [n_rows, vocab] launch (0 = choose).
 
     A chunk gives each of 8 warps' threads two 16-byte loads (4096 bf16/fp16 or 2048 fp32
@@ -297,25 +382,65 @@ def _triton_forward(rows, tokens, temperature, ignore_index, block_v, num_splits
     T1, stride_outer, stride_inner = _kernel_rows(rows)
     logprob, entropy, lse = _empty_stats((n_rows,), rows.device)
     split = cfg.num_splits > 1
-    parts = torch.empty((3, n_rows * cfg.num_splits if split else 1), device=rows.device,
-                        dtype=torch.float32)
+    parts = torch.empty(
+        (3, n_rows * cfg.num_splits if split else 1), device=rows.device, dtype=torch.float32
+    )
     with launch_device(rows):
         _token_stats_fwd_kernel[(n_rows, cfg.num_splits)](
-            rows, tokens, logprob, entropy, lse, parts[0], parts[1], parts[2],
-            vocab, T1, stride_outer, stride_inner, cfg.cols_per_split, 1.0 / temperature,
-            ignore_index, BLOCK_V=cfg.block_v, SPLIT=split, num_warps=cfg.num_warps,
+            rows,
+            tokens,
+            logprob,
+            entropy,
+            lse,
+            parts[0],
+            parts[1],
+            parts[2],
+            vocab,
+            T1,
+            stride_outer,
+            stride_inner,
+            cfg.cols_per_split,
+            1.0 / temperature,
+            ignore_index,
+            BLOCK_V=cfg.block_v,
+            SPLIT=split,
+            num_warps=cfg.num_warps,
         )
         if split:
             _token_stats_merge_kernel[(n_rows,)](
-                rows, tokens, logprob, entropy, lse, parts[0], parts[1], parts[2],
-                vocab, T1, stride_outer, stride_inner, cfg.num_splits, 1.0 / temperature,
-                ignore_index, SPLITS_POW2=triton.next_power_of_2(cfg.num_splits), num_warps=1,
+                rows,
+                tokens,
+                logprob,
+                entropy,
+                lse,
+                parts[0],
+                parts[1],
+                parts[2],
+                vocab,
+                T1,
+                stride_outer,
+                stride_inner,
+                cfg.num_splits,
+                1.0 / temperature,
+                ignore_index,
+                SPLITS_POW2=triton.next_power_of_2(cfg.num_splits),
+                num_warps=1,
             )
     return logprob, entropy, lse
 
 
-def _triton_backward(rows, tokens, lse, entropy, grad_logprob, grad_entropy, temperature,
-                     ignore_index, block_v, num_splits):
+def _triton_backward(
+    rows,
+    tokens,
+    lse,
+    entropy,
+    grad_logprob,
+    grad_entropy,
+    temperature,
+    ignore_index,
+    block_v,
+    num_splits,
+):
     outer, inner, vocab = rows.shape
     n_rows = outer * inner
     cfg = _launch_config(n_rows, vocab, rows.dtype, rows.device, block_v, num_splits)
@@ -323,12 +448,23 @@ def _triton_backward(rows, tokens, lse, entropy, grad_logprob, grad_entropy, tem
     dx = torch.empty((n_rows, vocab), device=rows.device, dtype=rows.dtype)
     with launch_device(rows):
         _token_stats_bwd_kernel[(n_rows, cfg.num_splits)](
-            rows, tokens, lse, entropy,
+            rows,
+            tokens,
+            lse,
+            entropy,
             grad_logprob if grad_logprob is not None else lse,
             grad_entropy if grad_entropy is not None else lse,
-            dx, vocab, T1, stride_outer, stride_inner, cfg.cols_per_split, 1.0 / temperature,
-            ignore_index, HAS_GRAD_LOGPROB=grad_logprob is not None,
-            HAS_GRAD_ENTROPY=grad_entropy is not None, BLOCK_V=cfg.block_v,
+            dx,
+            vocab,
+            T1,
+            stride_outer,
+            stride_inner,
+            cfg.cols_per_split,
+            1.0 / temperature,
+            ignore_index,
+            HAS_GRAD_LOGPROB=grad_logprob is not None,
+            HAS_GRAD_ENTROPY=grad_entropy is not None,
+            BLOCK_V=cfg.block_v,
             num_warps=cfg.num_warps,
         )
     return dx
@@ -348,7 +484,7 @@ def _row_chunks(rows: torch.Tensor):
     step = max(1, _TORCH_CHUNK_BYTES // (4 * vocab))
     for i in range(outer):
         for t in range(0, inner, step):
-            yield i * inner + t, rows[i, t:t + step]
+            yield i * inner + t, rows[i, t : t + step]
 
 
 def _torch_forward(rows, tokens, temperature, ignore_index):
@@ -376,8 +512,9 @@ def _torch_forward(rows, tokens, temperature, ignore_index):
     return logprob, entropy, lse
 
 
-def _torch_backward(rows, tokens, lse, entropy, grad_logprob, grad_entropy, temperature,
-                    ignore_index):
+def _torch_backward(
+    rows, tokens, lse, entropy, grad_logprob, grad_entropy, temperature, ignore_index
+):
     outer, inner, vocab = rows.shape
     dx = torch.empty((outer * inner, vocab), device=rows.device, dtype=rows.dtype)
     for r0, chunk in _row_chunks(rows):
@@ -396,8 +533,11 @@ def _torch_backward(rows, tokens, lse, entropy, grad_logprob, grad_entropy, temp
             g_lp = grad_logprob[r0:r1].masked_fill(y == ignore_index, 0.0)
             dz.addcmul_(p, g_lp[:, None], value=-1.0)
             in_range = (y >= 0) & (y < vocab)
-            dz.scatter_add_(-1, torch.where(in_range, y, 0).unsqueeze(-1),
-                            torch.where(in_range, g_lp, 0.0).unsqueeze(-1))
+            dz.scatter_add_(
+                -1,
+                torch.where(in_range, y, 0).unsqueeze(-1),
+                torch.where(in_range, g_lp, 0.0).unsqueeze(-1),
+            )
         dx[r0:r1] = dz.mul_(1.0 / temperature)
     return dx
 
@@ -421,9 +561,14 @@ def _check_token_ids(tokens: torch.Tensor, vocab: int, ignore_index: int) -> Non
 
 
 @torch.library.custom_op("appo_kernels::token_stats_fwd", mutates_args=())
-def _token_stats_fwd(logits: torch.Tensor, tokens: torch.Tensor, temperature: float,
-                     ignore_index: int, block_v: int, num_splits: int
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _token_stats_fwd(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    block_v: int,
+    num_splits: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     lead = logits.shape[:-1]
     flat_tokens = _flat_ids(tokens)
     _check_token_ids(flat_tokens, logits.shape[-1], ignore_index)
@@ -444,27 +589,48 @@ def _(logits, tokens, temperature, ignore_index, block_v, num_splits):
 
 
 @torch.library.custom_op("appo_kernels::token_stats_bwd", mutates_args=())
-def _token_stats_bwd(logits: torch.Tensor, tokens: torch.Tensor, lse: torch.Tensor,
-                     entropy: torch.Tensor, grad_logprob: Optional[torch.Tensor],
-                     grad_entropy: Optional[torch.Tensor], temperature: float, ignore_index: int,
-                     block_v: int, num_splits: int) -> torch.Tensor:
+def _token_stats_bwd(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_logprob: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
+    temperature: float,
+    ignore_index: int,
+    block_v: int,
+    num_splits: int,
+) -> torch.Tensor:
     if logits.numel() == 0:
         return torch.zeros(logits.shape, device=logits.device, dtype=logits.dtype)
     rows = _row_view(logits)
-    flat = [None if t is None else t.reshape(-1).to(torch.float32).contiguous()
-            for t in (lse, entropy, grad_logprob, grad_entropy)]
+    flat = [
+        None if t is None else t.reshape(-1).to(torch.float32).contiguous()
+        for t in (lse, entropy, grad_logprob, grad_entropy)
+    ]
     flat_tokens = _flat_ids(tokens)
     if use_triton(logits.device):
-        dx = _triton_backward(rows, flat_tokens, *flat, temperature, ignore_index, block_v,
-                              num_splits)
+        dx = _triton_backward(
+            rows, flat_tokens, *flat, temperature, ignore_index, block_v, num_splits
+        )
     else:
         dx = _torch_backward(rows, flat_tokens, *flat, temperature, ignore_index)
     return dx.view(logits.shape)
 
 
 @_token_stats_bwd.register_fake
-def _(logits, tokens, lse, entropy, grad_logprob, grad_entropy, temperature, ignore_index,
-      block_v, num_splits):
+def _(
+    logits,
+    tokens,
+    lse,
+    entropy,
+    grad_logprob,
+    grad_entropy,
+    temperature,
+    ignore_index,
+    block_v,
+    num_splits,
+):
     return torch.empty(logits.shape, device=logits.device, dtype=logits.dtype)
 
 
@@ -505,8 +671,15 @@ def _checked_args(logits, tokens, temperature, ignore_index, block_v, num_splits
     return logits, tokens, temperature
 
 
-def token_stats(logits: torch.Tensor, tokens: torch.Tensor, *, temperature: float = 1.0,
-                ignore_index: int = -100, _block_v: int = 0, _num_splits: int = 0) -> TokenStats:
+def token_stats(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    _block_v: int = 0,
+    _num_splits: int = 0,
+) -> TokenStats:
     """Log-probability of ``tokens`` and full-vocabulary entropy under ``softmax(logits / tau)``.
 
     Args:
@@ -523,20 +696,30 @@ def token_stats(logits: torch.Tensor, tokens: torch.Tensor, *, temperature: floa
         ``TokenStats(logprob, entropy)``, float32 ``logits.shape[:-1]``, both differentiable
         with respect to ``logits``.
     """
-    logits, tokens, temperature = _checked_args(logits, tokens, temperature, ignore_index,
-                                                _block_v, _num_splits)
-    logprob, entropy, _ = _token_stats_fwd(logits, tokens, temperature, ignore_index, _block_v,
-                                           _num_splits)
+    logits, tokens, temperature = _checked_args(
+        logits, tokens, temperature, ignore_index, _block_v, _num_splits
+    )
+    logprob, entropy, _ = _token_stats_fwd(
+        logits, tokens, temperature, ignore_index, _block_v, _num_splits
+    )
     return TokenStats(logprob, entropy)
 
 
-def token_stats_forward(logits: torch.Tensor, tokens: torch.Tensor, *, temperature: float = 1.0,
-                        ignore_index: int = -100, _block_v: int = 0,
-                        _num_splits: int = 0) -> TokenStatsForward:
+def token_stats_forward(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    _block_v: int = 0,
+    _num_splits: int = 0,
+) -> TokenStatsForward:
     """Like :func:`token_stats`, plus ``lse = log sum exp(logits / tau)``, and not differentiable:
     nothing is recorded for autograd and the outputs never require grad."""
-    logits, tokens, temperature = _checked_args(logits, tokens, temperature, ignore_index,
-                                                _block_v, _num_splits)
-    out = _token_stats_fwd(logits.detach(), tokens, temperature, ignore_index, _block_v,
-                           _num_splits)
+    logits, tokens, temperature = _checked_args(
+        logits, tokens, temperature, ignore_index, _block_v, _num_splits
+    )
+    out = _token_stats_fwd(
+        logits.detach(), tokens, temperature, ignore_index, _block_v, _num_splits
+    )
     return TokenStatsForward(*out)

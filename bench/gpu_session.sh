@@ -12,6 +12,12 @@ cd "$(dirname "$0")/.."
 # sys.path[0] is bench/) import appo_kernels from the checkout.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 out=${OUT:-bench/results}
+# Pure-Python wheels the image lacks (liger-kernel, for the benchmarks' comparison rows) travel in
+# .whl/ (git-ignored; carry it).
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
 mkdir -p "$out"
 python - <<'PY'
 import torch, triton
@@ -34,5 +40,6 @@ pytest=(python -m pytest -q -o addopts="-ra" -p no:cacheprovider)
 echo "pytest exit status: $?"
 tail -40 "$out/pytest_gpu.log"
 name=$(python -c "import torch, re; print(re.sub(r'[^A-Za-z0-9]+', '_', torch.cuda.get_device_name()).strip('_').lower())")
-python bench/token_stats.py --device cuda --out "$out/token_stats_$name.md" 2>&1 | tail -40
+python bench/token_stats.py --device cuda --vocabs 32000 151936 --rows 4096 16384 \
+  --out "$out/token_stats_$name.md" 2>&1 | tail -40
 python bench/kv_fork.py --device cuda --out "$out/kv_fork_$name.md" 2>&1 | tail -20

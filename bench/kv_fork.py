@@ -61,8 +61,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(device: torch.device, run: Callable[[], object], reset: Callable[[object], None],
-            repeats: int, state_bytes: Callable[[object], int]) -> tuple[float, int]:
+def measure(
+    device: torch.device,
+    run: Callable[[], object],
+    reset: Callable[[object], None],
+    repeats: int,
+    state_bytes: Callable[[object], int],
+) -> tuple[float, int]:
     """Median seconds of ``run()`` and its extra memory; ``reset(result)`` undoes it (untimed)."""
     times, extra = [], 0
     for i in range(repeats + 1):  # the first call warms up
@@ -89,8 +94,9 @@ def bench_ours(args, device, dtype, prefix: torch.Tensor, at: int):
     """prefix: [layers, 2, P, heads, dim]. Returns (seconds, bytes copied, extra bytes)."""
     layers, _, length, heads, dim = prefix.shape
     blocks = -(-length // args.block_size) + args.branches
-    cache = PagedKVCache(layers, heads, dim, blocks, block_size=args.block_size, dtype=dtype,
-                         device=device)
+    cache = PagedKVCache(
+        layers, heads, dim, blocks, block_size=args.block_size, dtype=dtype, device=device
+    )
     sid = cache.new_sequence()
     slots = cache.reserve(sid, length)
     for layer in range(layers):
@@ -106,15 +112,18 @@ def bench_ours(args, device, dtype, prefix: torch.Tensor, at: int):
         for child in children:
             cache.free(child)
 
-    seconds, extra = measure(device, lambda: cache.fork(sid, args.branches, at=at), free,
-                             args.repeats, pool_bytes)
+    seconds, extra = measure(
+        device, lambda: cache.fork(sid, args.branches, at=at), free, args.repeats, pool_bytes
+    )
     copied = (cache.stats.bytes_copied - copied_before) // (args.repeats + 1)
     # check the result once: every branch holds the prefix
     children = cache.fork(sid, args.branches, at=at)
     keys, values, _ = cache.gather(layers - 1, children)
     want_k = prefix[layers - 1, 0, :at].transpose(0, 1)
     want_v = prefix[layers - 1, 1, :at].transpose(0, 1)
-    assert torch.equal(keys, want_k.expand_as(keys)) and torch.equal(values, want_v.expand_as(values))
+    assert torch.equal(keys, want_k.expand_as(keys)) and torch.equal(
+        values, want_v.expand_as(values)
+    )
     return seconds, copied, extra
 
 
@@ -139,8 +148,9 @@ def bench_repeat_interleave(args, device, prefix: torch.Tensor, at: int):
     def new_bytes(cache):
         return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
 
-    seconds, extra = measure(device, timed, lambda cache: pending.append(build()), args.repeats,
-                             new_bytes)
+    seconds, extra = measure(
+        device, timed, lambda cache: pending.append(build()), args.repeats, new_bytes
+    )
     copied = args.branches * at * prefix[:, :, 0].numel() * prefix.element_size()
     return seconds, copied, extra
 
@@ -149,10 +159,15 @@ def prefill_model(args, device, dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     heads = max(1, args.prefill_hidden // 64)
-    config = LlamaConfig(vocab_size=1024, hidden_size=args.prefill_hidden,
-                         intermediate_size=2 * args.prefill_hidden,
-                         num_hidden_layers=args.prefill_layers, num_attention_heads=heads,
-                         num_key_value_heads=max(1, heads // 2), max_position_embeddings=16384)
+    config = LlamaConfig(
+        vocab_size=1024,
+        hidden_size=args.prefill_hidden,
+        intermediate_size=2 * args.prefill_hidden,
+        num_hidden_layers=args.prefill_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        max_position_embeddings=16384,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
     return model, sum(p.numel() for p in model.parameters())
@@ -177,8 +192,11 @@ def device_name(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in out.splitlines()
-                     if line.startswith("Model name"))
+        model = next(
+            line.split(":", 1)[1].strip()
+            for line in out.splitlines()
+            if line.startswith("Model name")
+        )
     except (OSError, StopIteration):
         model = platform.processor() or "unknown CPU"
     return f"{model} ({torch.get_num_threads()} threads)"
@@ -203,7 +221,8 @@ def main() -> None:
     import transformers
 
     lines = [
-        f"# KV-cache fork: {args.branches} branches, {args.layers} layers x {args.kv_heads} KV heads"
+        f"# KV-cache fork: {args.branches} branches, {args.layers} layers x "
+        f"{args.kv_heads} KV heads"
         f" x head_dim {args.head_dim}, {args.dtype}, block_size {args.block_size}",
         "",
         f"Device: {device_name(device)}; torch {torch.__version__}; transformers "
@@ -215,21 +234,33 @@ def main() -> None:
     model = None
     if not args.no_prefill:
         model, params = prefill_model(args, device, dtype)
-        lines += [f"Re-prefill model: random Llama, {args.prefill_layers} layers, hidden "
-                  f"{args.prefill_hidden}, {params / 1e6:.1f}M parameters (far smaller than 7B: "
-                  "a lower bound on re-prefill cost).", ""]
-    extra_how = ("torch.cuda.max_memory_allocated above the start" if device.type == "cuda"
-                 else "bytes of the new state: pool blocks taken / new K/V tensors")
-    lines += [f"Extra memory: {extra_how}. Full copy = branches x prefix bytes (what "
-              "batch_repeat_interleave writes).", ""]
-    header = ("| prefix P | fork at | ours | batch_repeat_interleave | re-prefill | speedup vs repeat"
-              " | speedup vs re-prefill | bytes copied (ours) | full copy | copy reduction"
-              " | extra mem (ours) | extra mem (repeat) |")
+        lines += [
+            f"Re-prefill model: random Llama, {args.prefill_layers} layers, hidden "
+            f"{args.prefill_hidden}, {params / 1e6:.1f}M parameters (far smaller than 7B: "
+            "a lower bound on re-prefill cost).",
+            "",
+        ]
+    extra_how = (
+        "torch.cuda.max_memory_allocated above the start"
+        if device.type == "cuda"
+        else "bytes of the new state: pool blocks taken / new K/V tensors"
+    )
+    lines += [
+        f"Extra memory: {extra_how}. Full copy = branches x prefix bytes (what "
+        "batch_repeat_interleave writes).",
+        "",
+    ]
+    header = (
+        "| prefix P | fork at | ours | batch_repeat_interleave | re-prefill | speedup vs repeat"
+        " | speedup vs re-prefill | bytes copied (ours) | full copy | copy reduction"
+        " | extra mem (ours) | extra mem (repeat) |"
+    )
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     gen = torch.Generator().manual_seed(0)
     for length in args.prefix_lens:
-        prefix = torch.randn((args.layers, 2, length, args.kv_heads, args.head_dim),
-                             generator=gen).to(device=device, dtype=dtype)
+        prefix = torch.randn(
+            (args.layers, 2, length, args.kv_heads, args.head_dim), generator=gen
+        ).to(device=device, dtype=dtype)
         for at in sorted({length, length - 1}, reverse=True):
             ours_s, ours_copied, ours_extra = bench_ours(args, device, dtype, prefix, at)
             rep_s, full_copy, rep_extra = bench_repeat_interleave(args, device, prefix, at)

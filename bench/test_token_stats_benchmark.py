@@ -7,9 +7,9 @@ Compare the two groups' medians in the printed table (same machine, same run).
 
 import pytest
 import torch
+from token_stats import chunked_eager_token_stats, eager_token_stats
 
 import appo_kernels as ak
-from token_stats import chunked_eager_token_stats, eager_token_stats
 
 SHAPES = [(2048, 32000), (256, 151936)]
 

@@ -20,6 +20,7 @@ bandwidth is ``2 * size / time``), and the peak extra memory on top of the input
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -48,8 +49,10 @@ def eager_token_stats(logits: torch.Tensor, tokens: torch.Tensor):
 
 
 def chunked_eager_token_stats(logits: torch.Tensor, tokens: torch.Tensor, chunk_rows: int = 256):
-    outs = [eager_token_stats(logits[i : i + chunk_rows], tokens[i : i + chunk_rows])
-            for i in range(0, logits.shape[0], chunk_rows)]
+    outs = [
+        eager_token_stats(logits[i : i + chunk_rows], tokens[i : i + chunk_rows])
+        for i in range(0, logits.shape[0], chunk_rows)
+    ]
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
 
@@ -97,8 +100,7 @@ def copy_bandwidth(device: torch.device, nbytes: int, repeats: int) -> float:
     """Device copy bandwidth in bytes/s: ``2 * nbytes / t`` for a ``nbytes`` copy."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    t = median_time(lambda: dst.copy_(src), device, repeats, warmup=2)
-    del src, dst
+    t = median_time(functools.partial(dst.copy_, src), device, repeats, warmup=2)
     return 2 * nbytes / t
 
 
@@ -125,8 +127,9 @@ print((high_water_kib() - base) * 1024)
     # A fixed mmap threshold makes glibc return every large freed buffer to the OS at once, so the
     # high-water mark measures live memory, not what the allocator kept cached.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
     return int(out.stdout.strip().splitlines()[-1])
 
 
@@ -207,29 +210,43 @@ def run(args: argparse.Namespace) -> list[dict]:
             logits_bytes = x.numel() * x.element_size()
             reference = None
             for name, fn in impls.items():
+                call = functools.partial(fn, x, y)
                 try:
-                    seconds = median_time(lambda: fn(x, y), device, args.repeats, args.warmup)
-                    out = fn(x, y)
+                    seconds = median_time(call, device, args.repeats, args.warmup)
+                    out = call()
                 except Exception as exc:  # a baseline that fails (e.g. OOM) is reported, not fatal
-                    print(f"  {name:<36} V={vocab:<7} N={rows:<6} failed: {type(exc).__name__}: {exc}")
+                    print(
+                        f"  {name:<36} V={vocab:<7} N={rows:<6} failed: {type(exc).__name__}: {exc}"
+                    )
                     gc.collect()
                     continue
-                logprob = out.logprob if hasattr(out, "logprob") else out[0] if isinstance(out, tuple) else out
+                logprob = (
+                    out.logprob
+                    if hasattr(out, "logprob")
+                    else out[0]
+                    if isinstance(out, tuple)
+                    else out
+                )
                 if reference is None:
                     reference = logprob.float()
                 max_err = (logprob.float().reshape(-1) - reference.reshape(-1)).abs().max().item()
                 if device.type == "cuda":
-                    extra = peak_extra_cuda(lambda: fn(x, y), device)
+                    extra = peak_extra_cuda(call, device)
                 elif args.memory:
                     extra = cpu_peak_extra_bytes(name, rows, vocab, args.dtype)
                 else:
                     extra = None
                 row = {
-                    "impl": name, "vocab": vocab, "rows": rows, "dtype": args.dtype,
-                    "ms": seconds * 1e3, "gbps": logits_bytes / seconds / 1e9,
+                    "impl": name,
+                    "vocab": vocab,
+                    "rows": rows,
+                    "dtype": args.dtype,
+                    "ms": seconds * 1e3,
+                    "gbps": logits_bytes / seconds / 1e9,
                     "pct_copy_bw": 100 * logits_bytes / seconds / bandwidth,
                     "peak_extra_mb": None if extra is None else extra / 2**20,
-                    "logits_mb": logits_bytes / 2**20, "max_abs_diff_logprob": max_err,
+                    "logits_mb": logits_bytes / 2**20,
+                    "max_abs_diff_logprob": max_err,
                 }
                 results.append(row)
                 print(format_row(row))
@@ -240,8 +257,10 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def format_row(r: dict) -> str:
     mem = "-" if r["peak_extra_mb"] is None else f"{r['peak_extra_mb']:.1f}"
-    return (f"  {r['impl']:<36} V={r['vocab']:<7} N={r['rows']:<6} {r['ms']:9.2f} ms "
-            f"{r['gbps']:8.1f} GB/s {r['pct_copy_bw']:6.1f}% copy-bw  extra {mem} MB")
+    return (
+        f"  {r['impl']:<36} V={r['vocab']:<7} N={r['rows']:<6} {r['ms']:9.2f} ms "
+        f"{r['gbps']:8.1f} GB/s {r['pct_copy_bw']:6.1f}% copy-bw  extra {mem} MB"
+    )
 
 
 def markdown(results: list[dict], bandwidth: float, info: dict[str, str]) -> str:
@@ -263,7 +282,8 @@ def markdown(results: list[dict], bandwidth: float, info: dict[str, str]) -> str
         mem = "-" if r["peak_extra_mb"] is None else f"{r['peak_extra_mb']:.1f}"
         lines.append(
             f"| {r['impl']} | {r['vocab']} | {r['rows']} | {r['dtype']} | {r['ms']:.2f} "
-            f"| {r['gbps']:.1f} | {r['pct_copy_bw']:.1f} | {speedup} | {mem} | {r['logits_mb']:.0f} |"
+            f"| {r['gbps']:.1f} | {r['pct_copy_bw']:.1f} | {speedup} | {mem} "
+            f"| {r['logits_mb']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -278,8 +298,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--impls", nargs="*", help="substrings selecting implementations")
-    p.add_argument("--memory", action="store_true",
-                   help="on CPU, measure peak extra memory per call in a subprocess")
+    p.add_argument(
+        "--memory",
+        action="store_true",
+        help="on CPU, measure peak extra memory per call in a subprocess",
+    )
     p.add_argument("--out", help="write the markdown table here")
     args = p.parse_args(argv)
     on_gpu = args.device.startswith("cuda")

@@ -10,7 +10,6 @@ import math
 
 import pytest
 import torch
-
 from aot import ARCHS, KernelCase, compile_kernels
 
 

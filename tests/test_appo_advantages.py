@@ -15,8 +15,11 @@ def reference_advantages(rewards, group_ids, is_branch, parent, split, mask, tra
     rows, length = len(rewards), len(mask[0]) if len(mask) else 0
     a_hat = []
     for i in range(rows):
-        peers = [float(rewards[j]) for j in range(rows)
-                 if group_ids[j] == group_ids[i] and is_branch[j] == is_branch[i]]
+        peers = [
+            float(rewards[j])
+            for j in range(rows)
+            if group_ids[j] == group_ids[i] and is_branch[j] == is_branch[i]
+        ]
         mean = sum(peers) / len(peers)
         std = math.sqrt(sum((v - mean) ** 2 for v in peers) / len(peers))
         a_hat.append((float(rewards[i]) - mean) / (std + 1e-6))
@@ -28,16 +31,22 @@ def reference_advantages(rewards, group_ids, is_branch, parent, split, mask, tra
             if is_branch[i]:
                 out[i, t] = a_hat[i] if train_branches else 0.0
                 continue
-            covering = [a_hat[b] for b in range(rows)
-                        if is_branch[b] and parent[b] == i and t < split[b]]
+            covering = [
+                a_hat[b] for b in range(rows) if is_branch[b] and parent[b] == i and t < split[b]
+            ]
             out[i, t] = a_hat[i] + (sum(covering) / len(covering) if covering else 0.0)
     return out
 
 
 def as_tensors(rewards, group_ids, is_branch, parent, split, mask):
-    return (torch.tensor(rewards, dtype=torch.float32), torch.tensor(group_ids, dtype=torch.int64),
-            torch.tensor(is_branch, dtype=torch.bool), torch.tensor(parent, dtype=torch.int64),
-            torch.tensor(split, dtype=torch.int64), torch.tensor(mask, dtype=torch.float32))
+    return (
+        torch.tensor(rewards, dtype=torch.float32),
+        torch.tensor(group_ids, dtype=torch.int64),
+        torch.tensor(is_branch, dtype=torch.bool),
+        torch.tensor(parent, dtype=torch.int64),
+        torch.tensor(split, dtype=torch.int64),
+        torch.tensor(mask, dtype=torch.float32),
+    )
 
 
 def hand_made_tree(length=8):
@@ -59,7 +68,7 @@ def hand_made_tree(length=8):
         (1.0, 2, True, 8, 6),
     ]
     mask = [[1] * length for _ in rows]
-    mask[2][length - 2:] = [0, 0]  # padding
+    mask[2][length - 2 :] = [0, 0]  # padding
     mask[0][3] = mask[0][4] = 0  # tool-output tokens
     return [list(column) for column in zip(*rows)] + [mask]
 
@@ -80,7 +89,11 @@ def test_hand_made_tree_structure():
     trained = procedure_advantages(*as_tensors(*args), train_branches=True)
     # branches of group 0 (rows 1, 3, 5) have rewards 0, 1, 1
     std = math.sqrt(2 / 9)
-    hat = {1: (0 - 2 / 3) / (std + 1e-6), 3: (1 - 2 / 3) / (std + 1e-6), 5: (1 - 2 / 3) / (std + 1e-6)}
+    hat = {
+        1: (0 - 2 / 3) / (std + 1e-6),
+        3: (1 - 2 / 3) / (std + 1e-6),
+        5: (1 - 2 / 3) / (std + 1e-6),
+    }
     for row, value in hat.items():
         assert torch.allclose(trained[row], torch.full((8,), value))
     # row 0: both branches cover t < 2, only the split-5 one covers 2 <= t < 5, none beyond
@@ -133,19 +146,31 @@ def test_random_trees_match_reference(seed):
 def test_inputs_in_other_dtypes_and_empty_batch():
     args = hand_made_tree()
     rewards, group_ids, is_branch, parent, split, mask = as_tensors(*args)
-    got = procedure_advantages(rewards.double(), group_ids.int(), is_branch, parent.int(), split.short(),
-                               mask.bool())
+    got = procedure_advantages(
+        rewards.double(), group_ids.int(), is_branch, parent.int(), split.short(), mask.bool()
+    )
     torch.testing.assert_close(got.double(), reference_advantages(*args), rtol=1e-6, atol=1e-6)
-    empty = procedure_advantages(torch.zeros(0), torch.zeros(0, dtype=torch.long),
-                                 torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.long),
-                                 torch.zeros(0, dtype=torch.long), torch.zeros(0, 5))
+    empty = procedure_advantages(
+        torch.zeros(0),
+        torch.zeros(0, dtype=torch.long),
+        torch.zeros(0, dtype=torch.bool),
+        torch.zeros(0, dtype=torch.long),
+        torch.zeros(0, dtype=torch.long),
+        torch.zeros(0, 5),
+    )
     assert empty.shape == (0, 5) and empty.dtype == torch.float32
 
 
 def _with(index, value):
     rewards, group_ids, is_branch, parent, split, mask = as_tensors(*hand_made_tree())
-    tensors = {"rewards": rewards, "group_ids": group_ids, "is_branch": is_branch,
-               "parent": parent, "split": split, "response_mask": mask}
+    tensors = {
+        "rewards": rewards,
+        "group_ids": group_ids,
+        "is_branch": is_branch,
+        "parent": parent,
+        "split": split,
+        "response_mask": mask,
+    }
     name, row = index
     if row is None:
         tensors[name] = value

@@ -11,19 +11,35 @@ from appo.advantages import procedure_advantages
 from appo.loss import future_likelihood_scale, policy_loss
 
 
-def reference_scale(adv, logprob, old, mask, *, c=3.0, half_life=64, clip=0.2, clip_high_only=True,
-                    neg_ratio_cap=6.0, bonus=1.0):
+def reference_scale(
+    adv,
+    logprob,
+    old,
+    mask,
+    *,
+    c=3.0,
+    half_life=64,
+    clip=0.2,
+    clip_high_only=True,
+    neg_ratio_cap=6.0,
+    bonus=1.0,
+):
     rows, length = adv.shape
     gamma = 2.0 ** (-1.0 / half_life)
     out = torch.zeros(rows, length, dtype=torch.float64)
     for b in range(rows):
-        delta = [min(max(float(logprob[b, k] - old[b, k]), -20.0), 20.0) if mask[b, k] else 0.0
-                 for k in range(length)]
+        delta = [
+            min(max(float(logprob[b, k] - old[b, k]), -20.0), 20.0) if mask[b, k] else 0.0
+            for k in range(length)
+        ]
         for t in range(length):
             if not mask[b, t]:
                 continue
-            future = sum(gamma ** (k - t) * delta[k] for k in range(t, length)
-                         if mask[b, k] and delta[k] <= math.log(c))
+            future = sum(
+                gamma ** (k - t) * delta[k]
+                for k in range(t, length)
+                if mask[b, k] and delta[k] <= math.log(c)
+            )
             low = 1.0 if clip_high_only else 1.0 - clip
             f = min(max(math.exp(future), low), 1.0 + clip)
             if adv[b, t] < 0 and math.exp(delta[t]) > neg_ratio_cap:
@@ -32,8 +48,20 @@ def reference_scale(adv, logprob, old, mask, *, c=3.0, half_life=64, clip=0.2, c
     return out
 
 
-def reference_loss(logprob, old, adv, mask, *, clip_low=0.2, clip_high=0.28, dual_clip=3.0,
-                   ref=None, kl_coef=0.001, entropy=None, entropy_coef=0.0):
+def reference_loss(
+    logprob,
+    old,
+    adv,
+    mask,
+    *,
+    clip_low=0.2,
+    clip_high=0.28,
+    dual_clip=3.0,
+    ref=None,
+    kl_coef=0.001,
+    entropy=None,
+    entropy_coef=0.0,
+):
     """Token-by-token SPEC 2.7 on float64 scalars (autograd flows to ``logprob``); also returns
     the token counts of each clipping regime."""
     pg, kl, ent, tokens = 0.0, 0.0, 0.0, 0
@@ -75,8 +103,13 @@ def random_batch(seed, rows=3, length=17, spread=0.8):
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"half_life": 3}, {"clip_high_only": False, "half_life": 5},
-     {"c": 1.5, "bonus": 0.5, "clip": 0.1}, {"neg_ratio_cap": 2.0, "half_life": 8}],
+    [
+        {},
+        {"half_life": 3},
+        {"clip_high_only": False, "half_life": 5},
+        {"c": 1.5, "bonus": 0.5, "clip": 0.1},
+        {"neg_ratio_cap": 2.0, "half_life": 8},
+    ],
     ids=["default", "short-half-life", "two-sided", "c-bonus-clip", "tight-cap"],
 )
 def test_future_likelihood_scale_matches_reference(backend, options):
@@ -107,12 +140,15 @@ def test_policy_loss_and_gradient_match_float64_reference(seed, with_extras):
     logprob, old, adv, mask, ref, entropy = random_batch(seed + 10)
     extras = {"kl_coef": 0.05, "entropy": entropy, "entropy_coef": 0.01} if with_extras else {}
     lp = logprob.clone().requires_grad_()
-    loss, metrics = policy_loss(lp, old, adv, mask, ref_logprob=ref if with_extras else None, **extras)
+    loss, metrics = policy_loss(
+        lp, old, adv, mask, ref_logprob=ref if with_extras else None, **extras
+    )
     loss.backward()
 
     lp_ref = logprob.clone().requires_grad_()
-    want, regimes, tokens = reference_loss(lp_ref, old, adv, mask,
-                                           ref=ref if with_extras else None, **extras)
+    want, regimes, tokens = reference_loss(
+        lp_ref, old, adv, mask, ref=ref if with_extras else None, **extras
+    )
     want.backward()
 
     torch.testing.assert_close(loss.detach(), want.detach(), rtol=1e-10, atol=1e-12)
@@ -150,9 +186,15 @@ def test_masked_tokens_contribute_exactly_nothing():
     off = mask == 0
     junk = lambda x, v: torch.where(off, torch.full_like(x, v), x)  # noqa: E731
     lp_junk = junk(logprob, float("nan")).requires_grad_()
-    dirty, _ = policy_loss(lp_junk, junk(old, float("-inf")), junk(adv, 1e30), mask,
-                           ref_logprob=junk(ref, float("inf")), entropy=junk(entropy, float("nan")),
-                           entropy_coef=0.01)
+    dirty, _ = policy_loss(
+        lp_junk,
+        junk(old, float("-inf")),
+        junk(adv, 1e30),
+        mask,
+        ref_logprob=junk(ref, float("inf")),
+        entropy=junk(entropy, float("nan")),
+        entropy_coef=0.01,
+    )
     dirty.backward()
     assert dirty.item() == clean.item()
     assert torch.all(lp_junk.grad[off] == 0)
@@ -222,8 +264,12 @@ def test_dual_clip_can_be_turned_off():
     ],
 )
 def test_policy_loss_bad_input(change, error, match):
-    kwargs = dict(logprob=torch.zeros(3, 5), old_logprob=torch.zeros(3, 5), advantages=torch.zeros(3, 5),
-                  mask=torch.ones(3, 5))
+    kwargs = dict(
+        logprob=torch.zeros(3, 5),
+        old_logprob=torch.zeros(3, 5),
+        advantages=torch.zeros(3, 5),
+        mask=torch.ones(3, 5),
+    )
     kwargs.update(change)
     with pytest.raises(error, match=match):
         policy_loss(**kwargs)
@@ -243,8 +289,12 @@ def test_policy_loss_bad_input(change, error, match):
     ],
 )
 def test_future_likelihood_scale_bad_input(change, error, match):
-    kwargs = dict(advantages=torch.zeros(3, 5), logprob=torch.zeros(3, 5), old_logprob=torch.zeros(3, 5),
-                  mask=torch.ones(3, 5))
+    kwargs = dict(
+        advantages=torch.zeros(3, 5),
+        logprob=torch.zeros(3, 5),
+        old_logprob=torch.zeros(3, 5),
+        mask=torch.ones(3, 5),
+    )
     kwargs.update(change)
     with pytest.raises(error, match=match):
         future_likelihood_scale(**kwargs)

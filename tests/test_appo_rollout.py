@@ -48,22 +48,34 @@ def test_forked_branch_matches_reprefilled_prefix(tiny, keep_selected_token):
     position = len(parents[row].tokens) // 2
     assert position > 0
 
-    branch = engine.branch(parents, [(row, position)], torch.Generator().manual_seed(7),
-                           keep_selected_token=keep_selected_token)[0]
+    branch = engine.branch(
+        parents,
+        [(row, position)],
+        torch.Generator().manual_seed(7),
+        keep_selected_token=keep_selected_token,
+    )[0]
     split = position + 1 if keep_selected_token else position
     assert branch.split == split and branch.point == position and branch.parent == row
     assert branch.tokens[:split] == parents[row].tokens[:split]
-    assert branch.reused_prefix == len(prompt) + split - 1  # only the last prefix token is recomputed
+    assert (
+        branch.reused_prefix == len(prompt) + split - 1
+    )  # only the last prefix token is recomputed
     engine.release(parents + [branch])
     assert engine.lm.cache.num_free_blocks == 64
 
     # The same continuation from a fresh prefill of prompt + prefix, same seed.
     fresh_engine = _engine(model, tokenizer, max_new_tokens=MAX_NEW - split)
-    fresh = fresh_engine.sample([prompt + parents[row].tokens[:split]], [0], torch.Generator().manual_seed(7))[0]
+    fresh = fresh_engine.sample(
+        [prompt + parents[row].tokens[:split]], [0], torch.Generator().manual_seed(7)
+    )[0]
     fresh_engine.release([fresh])
     assert branch.tokens[split:] == fresh.tokens
-    torch.testing.assert_close(torch.tensor(branch.behavior_logprob[split:]),
-                               torch.tensor(fresh.behavior_logprob), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        torch.tensor(branch.behavior_logprob[split:]),
+        torch.tensor(fresh.behavior_logprob),
+        atol=1e-4,
+        rtol=1e-4,
+    )
     assert branch.stop == fresh.stop
 
 
@@ -77,7 +89,9 @@ def test_tool_output_is_masked_from_loss_and_candidates(tiny):
     text = tokenizer.decode(rollout.tokens)
     assert text == "<calc>2+3</calc><out>5</out>\n<answer>5</answer>"
     assert rollout.tool_calls == 1 and rollout.stop == "answer"
-    observed = "".join(tokenizer.decode([t]) for t, o in zip(rollout.tokens, rollout.is_observation) if o)
+    observed = "".join(
+        tokenizer.decode([t]) for t, o in zip(rollout.tokens, rollout.is_observation) if o
+    )
     assert observed == "<out>5</out>"
     assert reward(Task("q", "5", (), "one_item", ()), text) == 1.0
 
@@ -89,14 +103,14 @@ def test_tool_output_is_masked_from_loss_and_candidates(tiny):
     n = len(rollout.tokens)
     assert torch.equal(batch.observation_mask[0, :n], obs)
     assert torch.equal(batch.policy_mask[0, :n], ~obs)
-    assert not batch.policy_mask[1, len(short.tokens):].any()
-    assert (batch.tokens[1, len(short.tokens):] == IGNORE_INDEX).all()
+    assert not batch.policy_mask[1, len(short.tokens) :].any()
+    assert (batch.tokens[1, len(short.tokens) :] == IGNORE_INDEX).all()
     assert torch.equal(batch.behavior_logprob[0, :n][obs], torch.zeros(int(obs.sum())))
 
     candidates = trainer.branch_candidates(batch, [rollout, short])
     whitespace = torch.tensor([not tokenizer.decode([t]).strip() for t in rollout.tokens])
     assert torch.equal(candidates[0, :n], ~obs & ~whitespace)
-    assert not candidates[1, len(short.tokens):].any()
+    assert not candidates[1, len(short.tokens) :].any()
 
     # The loss's gradient never reaches an observation token's logits.
     logits = batch.response_logits(model).detach().requires_grad_(True)
@@ -116,7 +130,9 @@ def test_branch_after_observation_carries_tool_count_and_rejects_observation_poi
     engine = _engine(model, tokenizer, max_new_tokens=40, max_tool_calls=1)
     engine.logits_processor = _forcing(tokenizer, "<calc>1+1</calc>\n<calc>2+2</calc>x")
     parent = engine.sample([prompt_ids(tokenizer, "sys", "q")], [0])[0]
-    assert parent.tool_calls == 1 and parent.stop == "tool_limit"  # the second call is over the limit
+    assert (
+        parent.tool_calls == 1 and parent.stop == "tool_limit"
+    )  # the second call is over the limit
     first_obs = parent.is_observation.index(True)
     with pytest.raises(ValueError, match="not a sampled token"):
         engine.branch([parent], [(0, first_obs)])

@@ -21,7 +21,7 @@ def replay(response: str) -> str:
         observation = run_tool_call(produced)
         assert rest[cut:].startswith(observation), (rest[cut:], observation)
         produced += observation
-        rest = rest[cut + len(observation):]
+        rest = rest[cut + len(observation) :]
 
 
 def test_make_tasks_is_deterministic_and_seed_dependent():
@@ -77,7 +77,9 @@ def test_answers_are_independent_of_the_demonstration():
 
 
 def test_reward_checks_the_answer_numerically():
-    task = Task(prompt="q", answer="26", steps=(("calc", "3*4+2*7"),), kind="one_item", items=("apple",))
+    task = Task(
+        prompt="q", answer="26", steps=(("calc", "3*4+2*7"),), kind="one_item", items=("apple",)
+    )
     assert reward(task, "<answer>26</answer>") == 1.0
     assert reward(task, "<answer> 26.0 </answer>") == 1.0
     assert reward(task, "<answer>$26</answer>") == 1.0
@@ -93,7 +95,7 @@ def test_system_prompt_shows_the_format_with_a_correct_example():
     prompt = system_prompt()
     for tag in ("<lookup>", "<calc>", "<out>", "<answer>"):
         assert tag in prompt
-    example = prompt[prompt.index("Example question:"):].split("\n", 1)[1]
+    example = prompt[prompt.index("Example question:") :].split("\n", 1)[1]
     assert parse_tool_call(example[: example.index("</lookup>") + len("</lookup>")]) is not None
     assert replay(example) == example
     assert extract_answer(example) is not None

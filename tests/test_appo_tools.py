@@ -128,7 +128,10 @@ def test_lookup_normalises_keys_and_refuses_unknown_ones():
 
 def test_parse_tool_call_takes_the_call_that_ends_the_text():
     assert TOOL_NAMES == ("calc", "lookup") and set(CALL_CLOSE_TAGS) == {"</calc>", "</lookup>"}
-    assert parse_tool_call("<lookup>pear</lookup><out>7</out>\n<calc> 3*7 </calc>\n") == ("calc", "3*7")
+    assert parse_tool_call("<lookup>pear</lookup><out>7</out>\n<calc> 3*7 </calc>\n") == (
+        "calc",
+        "3*7",
+    )
     assert parse_tool_call("think <lookup>Apple</lookup>") == ("lookup", "Apple")
     assert parse_tool_call("<calc>1+<lookup>pear</lookup>") == ("lookup", "pear")
     assert parse_tool_call("<calc>1+2</calc> and more") is None
@@ -145,8 +148,33 @@ def test_run_tool_call_builds_observations():
 
 
 _JUNK_ALPHABET = st.sampled_from(
-    ["<calc>", "</calc>", "<lookup>", "</lookup>", "<answer>", "</answer>", "<out>", "</out>",
-     "(", ")", "*", "**", "/", "-", "9", "0", ".", "e", "x", " ", "\n", "_", "'", "apple", "\x00"]
+    [
+        "<calc>",
+        "</calc>",
+        "<lookup>",
+        "</lookup>",
+        "<answer>",
+        "</answer>",
+        "<out>",
+        "</out>",
+        "(",
+        ")",
+        "*",
+        "**",
+        "/",
+        "-",
+        "9",
+        "0",
+        ".",
+        "e",
+        "x",
+        " ",
+        "\n",
+        "_",
+        "'",
+        "apple",
+        "\x00",
+    ]
 )
 
 

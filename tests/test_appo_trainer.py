@@ -20,14 +20,22 @@ def _parity_reward(task, text):
 @pytest.mark.parametrize("algo", ["appo", "grpo", "entropy"])
 def test_training_steps_update_the_policy(algo):
     model, tokenizer = tiny_model(seed=1)
-    config = TrainConfig(algo=algo, prompts_per_step=2, n=3, b=2, max_new_tokens=12, lr=1e-3,
-                         weight_decay=0.0, seed=3)
+    config = TrainConfig(
+        algo=algo,
+        prompts_per_step=2,
+        n=3,
+        b=2,
+        max_new_tokens=12,
+        lr=1e-3,
+        weight_decay=0.0,
+        seed=3,
+    )
     trainer = Trainer(model, tokenizer, config, reward_fn=_parity_reward, max_concurrent=4)
     before = [p.detach().clone() for p in model.parameters()]
     tasks = make_tasks(0, 4)
     updated = 0
     for step in range(2):
-        metrics, record = trainer.step(tasks[2 * step:2 * step + 2])
+        metrics, record = trainer.step(tasks[2 * step : 2 * step + 2])
         assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["entropy"])
         updated += metrics["updated"]
         initial = [r for r in record.rollouts if not r.is_branch]
@@ -37,7 +45,9 @@ def test_training_steps_update_the_policy(algo):
         else:
             assert metrics["branches"] == 2 * config.b
             assert metrics["fork_reused_tokens"] > 0
-            assert all(record.rollouts[r.parent].group == r.group for r in record.rollouts if r.is_branch)
+            assert all(
+                record.rollouts[r.parent].group == r.group for r in record.rollouts if r.is_branch
+            )
     assert trainer.lm.cache.num_free_blocks == trainer.lm.cache.num_blocks  # everything released
     assert updated > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
@@ -50,9 +60,30 @@ def test_cli_writes_run_folder(tmp_path, capsys):
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     out = tmp_path / "run"
-    args = ["--model", str(tmp_path / "model"), "--steps", "2", "--n", "2", "--b", "1",
-            "--prompts-per-step", "1", "--cold-start-steps", "1", "--max-new-tokens", "6",
-            "--eval-prompts", "2", "--device", "cpu", "--threads", "1", "--out", str(out)]
+    args = [
+        "--model",
+        str(tmp_path / "model"),
+        "--steps",
+        "2",
+        "--n",
+        "2",
+        "--b",
+        "1",
+        "--prompts-per-step",
+        "1",
+        "--cold-start-steps",
+        "1",
+        "--max-new-tokens",
+        "6",
+        "--eval-prompts",
+        "2",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [0, 1]

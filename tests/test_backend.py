@@ -39,10 +39,12 @@ print("ok")
 
 
 def test_imports_and_runs_the_torch_path_without_triton():
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("TRITON_INTERPRET", "APPO_KERNELS_BACKEND")}
-    proc = subprocess.run([sys.executable, "-c", NO_TRITON], capture_output=True, text=True,
-                          env=env, timeout=300)
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "APPO_KERNELS_BACKEND")
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_TRITON], capture_output=True, text=True, env=env, timeout=300
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
 
 

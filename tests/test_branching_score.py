@@ -4,6 +4,13 @@ import math
 
 import pytest
 import torch
+from scan_score_reference import (
+    assert_close_to_ref,
+    assert_compiles_without_spills,
+    assert_rejects,
+    branching_score_ref,
+    random_mask,
+)
 
 from appo_kernels.branching_score import (
     BranchingScore,
@@ -12,13 +19,6 @@ from appo_kernels.branching_score import (
 )
 from appo_kernels.discounted_future_sum import MAX_BLOCK
 from appo_kernels.token_stats import token_stats_forward
-from scan_score_reference import (
-    assert_close_to_ref,
-    assert_compiles_without_spills,
-    assert_rejects,
-    branching_score_ref,
-    random_mask,
-)
 
 FIELDS = ("score", "future_value", "z_entropy", "z_future")
 
@@ -174,12 +174,29 @@ def test_torch_compile_fullgraph(backend, device, gen):
 
 
 def test_kernel_compiles_for_gpus_without_spills():
-    pointers = ["entropy_ptr", "logprob_ptr", "behavior_ptr", "mask_ptr", "score_ptr", "omega_ptr",
-                "z_entropy_ptr", "z_omega_ptr"]
+    pointers = [
+        "entropy_ptr",
+        "logprob_ptr",
+        "behavior_ptr",
+        "mask_ptr",
+        "score_ptr",
+        "omega_ptr",
+        "z_entropy_ptr",
+        "z_omega_ptr",
+    ]
     signature = {name: "*fp32" for name in pointers}
-    signature.update(entropy_ptr="*bf16", mask_ptr="*i1", T="i32", stride_entropy="i32",
-                     stride_logprob="i32", stride_behavior="i32", stride_mask="i32",
-                     stride_out="i32", gamma="fp32", clip="fp32")
+    signature.update(
+        entropy_ptr="*bf16",
+        mask_ptr="*i1",
+        T="i32",
+        stride_entropy="i32",
+        stride_logprob="i32",
+        stride_behavior="i32",
+        stride_mask="i32",
+        stride_out="i32",
+        gamma="fp32",
+        clip="fp32",
+    )
     assert_compiles_without_spills(
         "appo_kernels.branching_score", "_branching_score_kernel", signature, [{"BLOCK": MAX_BLOCK}]
     )

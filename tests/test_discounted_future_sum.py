@@ -4,8 +4,6 @@ import math
 
 import pytest
 import torch
-
-from appo_kernels.discounted_future_sum import MAX_BLOCK, discounted_future_sum
 from scan_score_reference import (
     assert_close_to_ref,
     assert_compiles_without_spills,
@@ -13,6 +11,8 @@ from scan_score_reference import (
     discounted_sum_ref,
     random_mask,
 )
+
+from appo_kernels.discounted_future_sum import MAX_BLOCK, discounted_future_sum
 
 # (B, T): one position; one short block; several blocks with T not a multiple of MAX_BLOCK.
 SHAPES = [(3, 1), (5, 37), (3, 2 * MAX_BLOCK + 77)]
@@ -110,10 +110,18 @@ def test_torch_compile_fullgraph(backend, device, gen):
 
 def test_kernel_compiles_for_gpus_without_spills():
     signature = {
-        "values_ptr": "*bf16", "mask_ptr": "*i1", "out_ptr": "*fp32", "T": "i32",
-        "stride_values": "i32", "stride_mask": "i32", "stride_out": "i32", "gamma": "fp32",
+        "values_ptr": "*bf16",
+        "mask_ptr": "*i1",
+        "out_ptr": "*fp32",
+        "T": "i32",
+        "stride_values": "i32",
+        "stride_mask": "i32",
+        "stride_out": "i32",
+        "gamma": "fp32",
     }
     assert_compiles_without_spills(
-        "appo_kernels.discounted_future_sum", "_discounted_future_sum_kernel", signature,
+        "appo_kernels.discounted_future_sum",
+        "_discounted_future_sum_kernel",
+        signature,
         [{"BLOCK": MAX_BLOCK}],
     )

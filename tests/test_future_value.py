@@ -4,9 +4,6 @@ import math
 
 import pytest
 import torch
-
-from appo_kernels.discounted_future_sum import MAX_BLOCK
-from appo_kernels.future_value import future_value
 from scan_score_reference import (
     assert_close_to_ref,
     assert_compiles_without_spills,
@@ -14,6 +11,9 @@ from scan_score_reference import (
     future_value_ref,
     random_mask,
 )
+
+from appo_kernels.discounted_future_sum import MAX_BLOCK
+from appo_kernels.future_value import future_value
 
 
 def random_log_probs(gen, B, T, spread=0.05):
@@ -111,9 +111,17 @@ def test_torch_compile_fullgraph(backend, device, gen):
 
 def test_kernel_compiles_for_gpus_without_spills():
     signature = {
-        "logprob_ptr": "*fp32", "behavior_ptr": "*fp32", "mask_ptr": "*i1", "out_ptr": "*fp32",
-        "T": "i32", "stride_logprob": "i32", "stride_behavior": "i32", "stride_mask": "i32",
-        "stride_out": "i32", "gamma": "fp32", "clip": "fp32",
+        "logprob_ptr": "*fp32",
+        "behavior_ptr": "*fp32",
+        "mask_ptr": "*i1",
+        "out_ptr": "*fp32",
+        "T": "i32",
+        "stride_logprob": "i32",
+        "stride_behavior": "i32",
+        "stride_mask": "i32",
+        "stride_out": "i32",
+        "gamma": "fp32",
+        "clip": "fp32",
     }
     assert_compiles_without_spills(
         "appo_kernels.future_value", "_future_value_kernel", signature, [{"BLOCK": MAX_BLOCK}]

@@ -59,13 +59,15 @@ def test_token_stats_forward_backward_match_cpu(rows, vocab, dtype):
 
     results = {}
     for device in ("cpu", "cuda"):
-        x = logits.to(device).requires_grad_()
+        x = logits.to(device, copy=True).requires_grad_()
         out = ak.token_stats(x, tokens.to(device))
         torch.autograd.backward(tuple(out), tuple(g.to(device) for g in grads))
         results[device] = (out.logprob, out.entropy, x.grad)
     for got, want in zip(results["cuda"][:2], results["cpu"][:2]):
         torch.testing.assert_close(got.cpu(), want, atol=2e-4, rtol=2e-5)
-    assert_close_scaled(results["cuda"][2], results["cpu"][2], rel=1e-2 if dtype != torch.float32 else 1e-5)
+    assert_close_scaled(
+        results["cuda"][2], results["cpu"][2], rel=1e-2 if dtype != torch.float32 else 1e-5
+    )
 
 
 def test_shifted_view_is_read_in_place():
@@ -94,9 +96,13 @@ def test_branching_score_matches_cpu():
     cpu = ak.branching_score(logits, tokens, behavior, mask, gamma=0.99)
     gpu = ak.branching_score(*(x.to(CUDA) for x in (logits, tokens, behavior, mask)), gamma=0.99)
     for name in ("entropy", "logprob", "future_value"):
-        torch.testing.assert_close(getattr(gpu, name).cpu(), getattr(cpu, name), atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            getattr(gpu, name).cpu(), getattr(cpu, name), atol=2e-4, rtol=1e-4
+        )
     for name in ("z_entropy", "z_future", "score"):
-        torch.testing.assert_close(getattr(gpu, name).cpu(), getattr(cpu, name), atol=5e-3, rtol=1e-3)
+        torch.testing.assert_close(
+            getattr(gpu, name).cpu(), getattr(cpu, name), atol=5e-3, rtol=1e-3
+        )
 
 
 @pytest.mark.parametrize("gamma", [1.0, 0.99])
@@ -121,10 +127,13 @@ def test_select_branch_points_matches_cpu_exactly():
     candidates = torch.rand(B, T, generator=gen) < 0.3
     preferred = torch.rand(B, T, generator=gen) < 0.4
     group_ids = torch.randint(0, G - 1, (B,), generator=gen)  # the last group stays empty
-    cpu = ak.select_branch_points(score, candidates, group_ids, 6, preferred=preferred,
-                                  num_groups=G)
+    cpu = ak.select_branch_points(
+        score, candidates, group_ids, 6, preferred=preferred, num_groups=G
+    )
     gpu = ak.select_branch_points(
-        *(x.to(CUDA) for x in (score, candidates, group_ids)), 6, preferred=preferred.to(CUDA),
+        *(x.to(CUDA) for x in (score, candidates, group_ids)),
+        6,
+        preferred=preferred.to(CUDA),
         num_groups=G,
     )
     assert (gpu.rows[G - 1] == -1).all()
@@ -153,7 +162,9 @@ def test_cuda_graph_captures_score_and_selection():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured_bs, captured_points = run()
-    logits.copy_(torch.randn(B, T, V, generator=gen).to(CUDA, torch.bfloat16))  # new data, same buffers
+    logits.copy_(
+        torch.randn(B, T, V, generator=gen).to(CUDA, torch.bfloat16)
+    )  # new data, same buffers
     graph.replay()
     torch.cuda.synchronize()
     eager_bs, eager_points = run()
@@ -197,10 +208,12 @@ def test_kernels_launch_on_the_tensors_device():
             x = logits.to(dev).requires_grad_()
             stats = ak.token_stats(x, tokens.to(dev))
             (stats.logprob.sum() + stats.entropy.sum()).backward()
-            bs = ak.branching_score(logits.to(dev), tokens.to(dev), behavior.to(dev),
-                                    mask.to(dev), gamma=0.99)
-            points = ak.select_branch_points(bs.score, mask.to(dev), group_ids.to(dev), 3,
-                                             num_groups=2)
+            bs = ak.branching_score(
+                logits.to(dev), tokens.to(dev), behavior.to(dev), mask.to(dev), gamma=0.99
+            )
+            points = ak.select_branch_points(
+                bs.score, mask.to(dev), group_ids.to(dev), 3, num_groups=2
+            )
             scan = ak.discounted_future_sum(behavior.to(dev), mask.to(dev), gamma=0.99)
             torch.cuda.synchronize(dev)
         results[index] = [t.cpu() for t in (*stats, x.grad, *bs, *points, scan)]

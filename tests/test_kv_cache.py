@@ -87,8 +87,9 @@ def test_gather_padded_matches_loop(dtype, head_dim, gen):
 # cache semantics on hand-made cases
 # ------------------------------------------------------------------------------------------------
 def _cache(num_blocks=8, block_size=4, layers=2, heads=2, head_dim=8, dtype=torch.float32):
-    return PagedKVCache(layers, heads, head_dim, num_blocks, block_size=block_size, dtype=dtype,
-                        device="cpu")
+    return PagedKVCache(
+        layers, heads, head_dim, num_blocks, block_size=block_size, dtype=dtype, device="cpu"
+    )
 
 
 def test_reserve_slot_layout_and_block_table():
@@ -96,7 +97,9 @@ def test_reserve_slot_layout_and_block_table():
     a, b = cache.new_sequence(), cache.new_sequence()
     slots = cache.reserve([a, b], [6, 3])
     blocks_a, blocks_b = cache.block_ids(a), cache.block_ids(b)
-    expected = [blocks_a[t // 4] * 4 + t % 4 for t in range(6)] + [blocks_b[0] * 4 + t for t in range(3)]
+    expected = [blocks_a[t // 4] * 4 + t % 4 for t in range(6)] + [
+        blocks_b[0] * 4 + t for t in range(3)
+    ]
     assert slots.dtype == torch.int64 and slots.tolist() == expected
     assert (cache.seq_len(a), cache.seq_len(b)) == (6, 3)
     more = cache.reserve(b, 2)  # one int: same count for every sequence
@@ -111,17 +114,23 @@ def test_fork_shares_full_blocks_and_copies_only_the_tail(gen):
     parent = cache.new_sequence()
     slots = cache.reserve(parent, 10)  # blocks: full, full, 2-slot tail
     for layer in range(2):
-        cache.write(layer, torch.randn(10, 2, 8, generator=gen), torch.randn(10, 2, 8, generator=gen), slots)
+        cache.write(
+            layer, torch.randn(10, 2, 8, generator=gen), torch.randn(10, 2, 8, generator=gen), slots
+        )
     children = cache.fork(parent, 3)
     stats = cache.stats
     assert (stats.forks, stats.children, stats.blocks_shared, stats.blocks_copied) == (1, 3, 6, 3)
-    assert stats.bytes_copied == 3 * 2 * 2 * 2 * 2 * 8 * 4  # children x tail x layers x KV x H x D x 4 B
+    assert (
+        stats.bytes_copied == 3 * 2 * 2 * 2 * 2 * 8 * 4
+    )  # children x tail x layers x KV x H x D x 4 B
     refs = cache.ref_counts
     assert [refs[b] for b in cache.block_ids(parent)] == [4, 4, 1]
     for layer in range(2):
         keys, values, lengths = cache.gather(layer, [parent, *children])
         assert lengths.tolist() == [10] * 4
-        assert torch.equal(keys, keys[:1].expand_as(keys)) and torch.equal(values, values[:1].expand_as(values))
+        assert torch.equal(keys, keys[:1].expand_as(keys)) and torch.equal(
+            values, values[:1].expand_as(values)
+        )
     # fork at a block boundary copies nothing; mid-block copies `at % block_size` slots
     before = cache.stats.bytes_copied
     cache.fork(parent, 2, at=8)
@@ -155,7 +164,13 @@ def test_kv_cache_full_leaves_state_unchanged():
     cache = _cache(num_blocks=3)
     a = cache.new_sequence()
     cache.reserve(a, 6)  # 2 blocks, tail of 2
-    snapshot = (cache.ref_counts, cache.num_free_blocks, cache.block_ids(a), cache.seq_len(a), cache.stats)
+    snapshot = (
+        cache.ref_counts,
+        cache.num_free_blocks,
+        cache.block_ids(a),
+        cache.seq_len(a),
+        cache.stats,
+    )
     with pytest.raises(KVCacheFull):
         cache.reserve(a, 7)
     with pytest.raises(KVCacheFull):
@@ -164,7 +179,13 @@ def test_kv_cache_full_leaves_state_unchanged():
     with pytest.raises(KVCacheFull):
         cache.reserve([b, a], [1, 3])  # b alone fits, both do not
     assert cache.seq_len(b) == 0 and cache.block_ids(b) == []
-    assert snapshot == (cache.ref_counts, cache.num_free_blocks, cache.block_ids(a), cache.seq_len(a), cache.stats)
+    assert snapshot == (
+        cache.ref_counts,
+        cache.num_free_blocks,
+        cache.block_ids(a),
+        cache.seq_len(a),
+        cache.stats,
+    )
     cache.free(b)
     (c,) = cache.fork(a, 1, at=4)  # shares block 0
     d = cache.new_sequence()
@@ -188,15 +209,27 @@ SLOT_BYTES = 2 * LAYERS * HEADS * HEAD_DIM * 4  # fp32, K and V, all layers
 class CacheMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
-        self.cache = PagedKVCache(LAYERS, HEADS, HEAD_DIM, NUM_BLOCKS, block_size=BLOCK_SIZE,
-                                  dtype=torch.float32, device="cpu")
+        self.cache = PagedKVCache(
+            LAYERS,
+            HEADS,
+            HEAD_DIM,
+            NUM_BLOCKS,
+            block_size=BLOCK_SIZE,
+            dtype=torch.float32,
+            device="cpu",
+        )
         self.model: dict[int, list[torch.Tensor]] = {}  # sid -> per token [LAYERS, 2, H, D]
         self.gen = torch.Generator().manual_seed(0)
 
     def _snapshot(self):
         c = self.cache
-        return (c.ref_counts, c.num_free_blocks, c.stats, c.kv.clone(),
-                {s: (c.block_ids(s), c.seq_len(s)) for s in c.sequences})
+        return (
+            c.ref_counts,
+            c.num_free_blocks,
+            c.stats,
+            c.kv.clone(),
+            {s: (c.block_ids(s), c.seq_len(s)) for s in c.sequences},
+        )
 
     def _assert_unchanged(self, snapshot):
         now = self._snapshot()
@@ -210,7 +243,9 @@ class CacheMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.model)
     @rule(data=st.data())
     def reserve_and_write(self, data):
-        sids = data.draw(st.lists(st.sampled_from(sorted(self.model)), min_size=1, max_size=3, unique=True))
+        sids = data.draw(
+            st.lists(st.sampled_from(sorted(self.model)), min_size=1, max_size=3, unique=True)
+        )
         counts = data.draw(st.lists(st.integers(0, 9), min_size=len(sids), max_size=len(sids)))
         snapshot = self._snapshot()
         try:
@@ -302,7 +337,9 @@ class CacheMachine(RuleBasedStateMachine):
 
 
 CacheMachine.TestCase.settings = settings(
-    max_examples=60, stateful_step_count=20, deadline=None,
+    max_examples=60,
+    stateful_step_count=20,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_random_programs = CacheMachine.TestCase
@@ -323,8 +360,15 @@ test_random_programs = CacheMachine.TestCase
     ],
 )
 def test_bad_constructor_arguments(kwargs, error, name):
-    args = dict(num_layers=2, num_kv_heads=2, head_dim=8, num_blocks=4, block_size=4,
-                dtype=torch.float32, device="cpu")
+    args = dict(
+        num_layers=2,
+        num_kv_heads=2,
+        head_dim=8,
+        num_blocks=4,
+        block_size=4,
+        dtype=torch.float32,
+        device="cpu",
+    )
     args.update(kwargs)
     with pytest.raises(error, match=name):
         PagedKVCache(**args)

@@ -50,8 +50,16 @@ def test_cu_compiles_cleanly_without_spills(arch, tmp_path):
     for cu in CU_FILES:
         obj = tmp_path / f"{cu.stem}.o"
         ptx = tmp_path / f"{cu.stem}.ptx"
-        flags = [f"-arch=sm_{arch}", "-std=c++17", "-O3", "-Werror", "all-warnings",
-                 "-Xcompiler", "-Wall,-Wextra", str(cu)]
+        flags = [
+            f"-arch=sm_{arch}",
+            "-std=c++17",
+            "-O3",
+            "-Werror",
+            "all-warnings",
+            "-Xcompiler",
+            "-Wall,-Wextra",
+            str(cu),
+        ]
         output = _run([NVCC, *flags, "-c", "-o", str(obj)])
         assert "warning" not in output.lower(), output
         _run([NVCC, *flags, "-ptx", "-o", str(ptx)])
@@ -76,11 +84,13 @@ def test_binding_cpp_syntax(tmp_path):
     macros = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
     macros.parent.mkdir(parents=True)
     macros.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
-    system = [arg for p in [*include_paths(), str(tmp_path), str(cuda_include)]
-              for arg in ("-isystem", p)]
+    system = [
+        arg for p in [*include_paths(), str(tmp_path), str(cuda_include)] for arg in ("-isystem", p)
+    ]
     for cpp in sorted(CSRC.glob("*.cpp")):
-        output = _run(["g++", "-std=c++20", "-fsyntax-only", "-Wall", "-Wextra", "-Werror",
-                       *system, str(cpp)])
+        output = _run(
+            ["g++", "-std=c++20", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", *system, str(cpp)]
+        )
         assert "warning" not in output.lower(), output
 
 

@@ -12,8 +12,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from appo_kernels.kv import KVCacheFull
-from appo_kernels.kv import hf
+from appo_kernels.kv import KVCacheFull, hf
 from appo_kernels.kv.hf import PagedCausalLM
 
 VOCAB = 101

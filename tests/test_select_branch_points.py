@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
+from scan_score_reference import assert_compiles_without_spills, assert_rejects, select_ref
 
 from appo_kernels.discounted_future_sum import MAX_BLOCK
 from appo_kernels.select_branch_points import BranchPoints, select_branch_points
-from scan_score_reference import assert_compiles_without_spills, assert_rejects, select_ref
 
 
 def assert_selection(out: BranchPoints, expected) -> None:
@@ -21,16 +21,20 @@ def assert_selection(out: BranchPoints, expected) -> None:
 
 def test_hand_made_group(backend, device):
     inf = math.inf
-    score = torch.tensor([
-        [0.5, 2.0, -inf, 2.0, 1.0],
-        [9.0, 2.0, 0.1, math.nan, 3.0],
-        [7.0, 7.0, 7.0, 7.0, 7.0],
-    ])
-    candidates = torch.tensor([
-        [True, True, True, True, True],
-        [False, True, True, True, True],
-        [True, True, True, True, True],
-    ])
+    score = torch.tensor(
+        [
+            [0.5, 2.0, -inf, 2.0, 1.0],
+            [9.0, 2.0, 0.1, math.nan, 3.0],
+            [7.0, 7.0, 7.0, 7.0, 7.0],
+        ]
+    )
+    candidates = torch.tensor(
+        [
+            [True, True, True, True, True],
+            [False, True, True, True, True],
+            [True, True, True, True, True],
+        ]
+    )
     preferred = torch.zeros(3, 5, dtype=torch.bool)
     preferred[0, 0] = preferred[1, 2] = True
     group_ids = torch.tensor([0, 1, 0])  # rows 0 and 2 share group 0; row 1 is group 1
@@ -60,8 +64,12 @@ def test_matches_brute_force(backend, device, seed):
     group_ids = torch.randint(0, G - 1, (B,), generator=gen)  # group G-1 stays empty
     budget = [1, 3, 8, 30][seed]
     out = select_branch_points(
-        score.to(device), candidates.to(device), group_ids.to(device), budget,
-        preferred=None if preferred is None else preferred.to(device), num_groups=G,
+        score.to(device),
+        candidates.to(device),
+        group_ids.to(device),
+        budget,
+        preferred=None if preferred is None else preferred.to(device),
+        num_groups=G,
     )
     assert_selection(out, select_ref(score, candidates, group_ids, budget, preferred, G))
     assert torch.all(out.rows[G - 1] == -1) and torch.all(out.scores[G - 1] == -math.inf)
@@ -138,12 +146,23 @@ def test_torch_compile_fullgraph(backend, device, gen, num_groups):
 
 def test_kernel_compiles_for_gpus_without_spills():
     signature = {
-        "score_ptr": "*fp32", "candidates_ptr": "*i1", "preferred_ptr": "*i1",
-        "group_ids_ptr": "*i64", "rows_ptr": "*i64", "positions_ptr": "*i64", "scores_ptr": "*fp32",
-        "B": "i32", "T": "i32", "stride_score": "i32", "stride_candidates": "i32",
-        "stride_preferred": "i32", "budget": "i32",
+        "score_ptr": "*fp32",
+        "candidates_ptr": "*i1",
+        "preferred_ptr": "*i1",
+        "group_ids_ptr": "*i64",
+        "rows_ptr": "*i64",
+        "positions_ptr": "*i64",
+        "scores_ptr": "*fp32",
+        "B": "i32",
+        "T": "i32",
+        "stride_score": "i32",
+        "stride_candidates": "i32",
+        "stride_preferred": "i32",
+        "budget": "i32",
     }
     assert_compiles_without_spills(
-        "appo_kernels.select_branch_points", "_select_branch_points_kernel", signature,
+        "appo_kernels.select_branch_points",
+        "_select_branch_points_kernel",
+        signature,
         [{"HAS_PREFERRED": True, "BLOCK": MAX_BLOCK}, {"HAS_PREFERRED": False, "BLOCK": MAX_BLOCK}],
     )

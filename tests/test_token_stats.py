@@ -7,6 +7,7 @@ multi-chunk, rescaling and vocabulary-split paths run at small V under the inter
 
 import pytest
 import torch
+from aot import ARCHS, KernelCase, compile_kernels
 
 from appo_kernels.token_stats import (
     TokenStats,
@@ -15,7 +16,6 @@ from appo_kernels.token_stats import (
     token_stats,
     token_stats_forward,
 )
-from aot import ARCHS, KernelCase, compile_kernels
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SMALL_BLOCK = 16
@@ -167,8 +167,7 @@ def test_nan_stays_in_its_row(backend, gen):
     bad = torch.tensor([False, True, False, True, True])
     for t in out:
         assert t[bad].isnan().all() and torch.isfinite(t[~bad]).all()
-    assert_stats_close(TokenStats(out.logprob[~bad], out.entropy[~bad]), logits[~bad],
-                       tokens[~bad])
+    assert_stats_close(TokenStats(out.logprob[~bad], out.entropy[~bad]), logits[~bad], tokens[~bad])
     for splits in (2, 3):
         split = token_stats(logits, tokens, _block_v=SMALL_BLOCK, _num_splits=splits)
         assert split.entropy[bad].isnan().all() and torch.isfinite(split.entropy[~bad]).all()
@@ -269,8 +268,13 @@ def test_bad_inputs(backend):
             with pytest.raises(TypeError, match=name):
                 token_stats(logits, tokens)
     value_errors = {
-        "tokens": [(x, y[:2]), (x, y[:, None]), (x, torch.tensor([0, 10, 1])),
-                   (x, torch.tensor([0, -5, 1])), (x, y.to("meta"))],
+        "tokens": [
+            (x, y[:2]),
+            (x, y[:, None]),
+            (x, torch.tensor([0, 10, 1])),
+            (x, torch.tensor([0, -5, 1])),
+            (x, y.to("meta")),
+        ],
         "logits": [(torch.randn(3, 0), y), (torch.tensor(1.0), torch.tensor(0))],
     }
     for name, cases in value_errors.items():
@@ -298,28 +302,72 @@ ALIGNED = ("x_ptr", "V", "stride_outer", "stride_inner")
 def _cases(dtype, arch):
     """Every kernel, specialised like the JIT does for contiguous aligned rows."""
     block_v = 4096 if dtype != "fp32" else 2048
-    stats = {f"{n}_ptr": "*fp32" for n in ("logprob", "entropy", "lse", "part_m", "part_s",
-                                           "part_a")}
-    fwd = {"x_ptr": f"*{dtype}", "tokens_ptr": "*i64", **stats, **ROW_ARGS,
-           "cols_per_split": "i32", "inv_temp": "fp32", "ignore_index": "i32"}
+    stats = {
+        f"{n}_ptr": "*fp32" for n in ("logprob", "entropy", "lse", "part_m", "part_s", "part_a")
+    }
+    fwd = {
+        "x_ptr": f"*{dtype}",
+        "tokens_ptr": "*i64",
+        **stats,
+        **ROW_ARGS,
+        "cols_per_split": "i32",
+        "inv_temp": "fp32",
+        "ignore_index": "i32",
+    }
     merge = dict(fwd)
     del merge["cols_per_split"]
     merge = {**merge, "num_splits": "i32", "inv_temp": "fp32", "ignore_index": "i32"}
-    bwd = {"x_ptr": f"*{dtype}", "tokens_ptr": "*i64", "lse_ptr": "*fp32",
-           "entropy_ptr": "*fp32", "grad_logprob_ptr": "*fp32", "grad_entropy_ptr": "*fp32",
-           "dx_ptr": f"*{dtype}", **ROW_ARGS, "cols_per_split": "i32", "inv_temp": "fp32",
-           "ignore_index": "i32"}
+    bwd = {
+        "x_ptr": f"*{dtype}",
+        "tokens_ptr": "*i64",
+        "lse_ptr": "*fp32",
+        "entropy_ptr": "*fp32",
+        "grad_logprob_ptr": "*fp32",
+        "grad_entropy_ptr": "*fp32",
+        "dx_ptr": f"*{dtype}",
+        **ROW_ARGS,
+        "cols_per_split": "i32",
+        "inv_temp": "fp32",
+        "ignore_index": "i32",
+    }
     split_aligned = (*ALIGNED, "cols_per_split")
     return [
-        KernelCase(MODULE, "_token_stats_fwd_kernel", fwd, {"BLOCK_V": block_v, "SPLIT": False},
-                   split_aligned, num_warps=8, arch=arch),
-        KernelCase(MODULE, "_token_stats_fwd_kernel", fwd, {"BLOCK_V": block_v, "SPLIT": True},
-                   split_aligned, num_warps=8, arch=arch),
-        KernelCase(MODULE, "_token_stats_merge_kernel", merge, {"SPLITS_POW2": 128}, ALIGNED,
-                   num_warps=1, arch=arch),
-        KernelCase(MODULE, "_token_stats_bwd_kernel", bwd,
-                   {"HAS_GRAD_LOGPROB": True, "HAS_GRAD_ENTROPY": True, "BLOCK_V": block_v},
-                   (*split_aligned, "dx_ptr"), num_warps=8, arch=arch),
+        KernelCase(
+            MODULE,
+            "_token_stats_fwd_kernel",
+            fwd,
+            {"BLOCK_V": block_v, "SPLIT": False},
+            split_aligned,
+            num_warps=8,
+            arch=arch,
+        ),
+        KernelCase(
+            MODULE,
+            "_token_stats_fwd_kernel",
+            fwd,
+            {"BLOCK_V": block_v, "SPLIT": True},
+            split_aligned,
+            num_warps=8,
+            arch=arch,
+        ),
+        KernelCase(
+            MODULE,
+            "_token_stats_merge_kernel",
+            merge,
+            {"SPLITS_POW2": 128},
+            ALIGNED,
+            num_warps=1,
+            arch=arch,
+        ),
+        KernelCase(
+            MODULE,
+            "_token_stats_bwd_kernel",
+            bwd,
+            {"HAS_GRAD_LOGPROB": True, "HAS_GRAD_ENTROPY": True, "BLOCK_V": block_v},
+            (*split_aligned, "dx_ptr"),
+            num_warps=8,
+            arch=arch,
+        ),
     ]
 
 

@@ -32,6 +32,7 @@ import torch
 from appo_kernels._validation import (
     FLOAT_DTYPES,
     check_count,
+    check_device,
     check_float,
     check_int,
     check_ndim,
@@ -97,7 +98,7 @@ class PagedKVCache:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.dtype = dtype
-        self.device = torch.device(device)
+        self.device = check_device("device", device)
         self.kv = torch.zeros(
             (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim),
             dtype=dtype,
@@ -263,7 +264,9 @@ class PagedKVCache:
     # ------------------------------------------------------------------------------------------
     # data
     # ------------------------------------------------------------------------------------------
-    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
+    def write(
+        self, layer: int, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor
+    ) -> None:
         """Stores ``key``/``value`` ``[tokens, num_kv_heads, head_dim]`` (the cache's dtype and
         device) at ``slots`` (as returned by ``reserve``) of ``layer``."""
         self._check_layer(layer)
@@ -275,7 +278,9 @@ class PagedKVCache:
             check_shape(name, x, shape, "[len(slots), num_kv_heads, head_dim]")
         for name, x in (("key", key), ("value", value), ("slots", slots)):
             if x.device != self.device:
-                raise ValueError(f"{name} must be on the cache's device {self.device}, got {x.device}")
+                raise ValueError(
+                    f"{name} must be on the cache's device {self.device}, got {x.device}"
+                )
         if slots.numel() == 0:
             return
         slots = slots.long()
@@ -306,7 +311,11 @@ class PagedKVCache:
         max_len = max((seq.length for seq in seqs), default=0)
         lengths = torch.tensor([seq.length for seq in seqs], dtype=torch.int64).to(self.device)
         keys, values = ops.gather_padded(
-            self.key_cache[layer], self.value_cache[layer], self._block_table(seqs), lengths, max_len
+            self.key_cache[layer],
+            self.value_cache[layer],
+            self._block_table(seqs),
+            lengths,
+            max_len,
         )
         return keys, values, lengths
 
@@ -345,7 +354,8 @@ class PagedKVCache:
     def _require_free(self, needed: int, what: str) -> None:
         if needed > len(self._free):
             raise KVCacheFull(
-                f"{what} needs {needed} free blocks, {len(self._free)} of {self.num_blocks} are free"
+                f"{what} needs {needed} free blocks, {len(self._free)} of {self.num_blocks} "
+                "are free"
             )
 
     def _allocate(self) -> int:

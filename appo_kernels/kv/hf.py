@@ -306,9 +306,7 @@ class PagedCausalLM:
         """Checks a batch of token-id lists: one non-empty list of ints in [0, vocab) per
         sequence. Returns them as lists of Python ints."""
         if isinstance(tokens, (str, bytes, torch.Tensor)) or not isinstance(tokens, Sequence):
-            raise TypeError(
-                f"{name} must be a list of token-id lists, got {type(tokens).__name__}"
-            )
+            raise TypeError(f"{name} must be a list of token-id lists, got {type(tokens).__name__}")
         if batch is not None and len(tokens) != batch:
             raise ValueError(
                 f"{name} must hold one entry per sequence ({batch}), got {len(tokens)}"

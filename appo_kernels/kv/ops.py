@@ -8,7 +8,8 @@ Layouts (the cache owns and validates them; these functions trust their argument
 
 - ``kv``: the whole pool, contiguous ``[num_layers, 2, num_blocks, block_size, heads, head_dim]``
   (index 0 of dim 1 is K, 1 is V).
-- ``key_cache`` / ``value_cache``: one layer, contiguous ``[num_blocks, block_size, heads, head_dim]``.
+- ``key_cache`` / ``value_cache``: one layer, contiguous
+  ``[num_blocks, block_size, heads, head_dim]``.
 - slot ``s`` is position ``s % block_size`` of block ``s // block_size``.
 """
 
