@@ -21,6 +21,7 @@ import itertools
 import math
 import random
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from appo.tools import ITEM_PHRASES, PRICES, extract_answer, run_tool_call
@@ -141,30 +142,40 @@ def _pools() -> dict[tuple[str, str], tuple[Task, ...]]:
 
 
 def make_tasks(seed: int, n: int, split: str = "train") -> list[Task]:
-    """``n`` tasks of ``split`` ("train" or "heldout"), deterministic in ``(seed, n, split)``.
+    """``n`` tasks of ``split`` ("train" or "heldout"): the first ``n`` of
+    :func:`task_stream` ``(seed, split)``, so deterministic in ``(seed, split)`` and a prefix of
+    any longer list of the same seed and split."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"n must be an int, got {type(n).__name__}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    return list(itertools.islice(task_stream(seed, split), n))
+
+
+def task_stream(seed: int, split: str = "train") -> Iterator[Task]:
+    """An endless stream of tasks of ``split``, deterministic in ``(seed, split)``, built one at a
+    time (a long run never holds its tasks in memory).
 
     Each task's kind is drawn uniformly; within a kind, questions are drawn without replacement
     until that kind's pool is used up (then the pool is reshuffled).
     """
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"n must be an int, got {type(n).__name__}")
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return _stream(seed, split)
+
+
+def _stream(seed: int, split: str) -> Iterator[Task]:
     rng = random.Random(f"appo-tasks:{split}:{seed}")
     pools = {kind: _pools()[(split, kind)] for kind in KINDS}
     kinds = [kind for kind in KINDS if pools[kind]]
     queues: dict[str, list[Task]] = {kind: [] for kind in kinds}
-    tasks = []
-    for _ in range(n):
+    while True:
         kind = rng.choice(kinds)
         if not queues[kind]:
             queues[kind] = rng.sample(pools[kind], len(pools[kind]))
-        tasks.append(queues[kind].pop())
-    return tasks
+        yield queues[kind].pop()
 
 
 def reward(task: Task, response_text: str) -> float:

@@ -30,6 +30,7 @@ import re
 
 TOOL_NAMES = ("calc", "lookup")
 CALL_CLOSE_TAGS = ("</calc>", "</lookup>")
+ANSWER_OPEN_TAG = "<answer>"
 ANSWER_CLOSE_TAG = "</answer>"
 OBSERVATION_OPEN = "<out>"
 OBSERVATION_CLOSE = "</out>"
@@ -90,8 +91,6 @@ ITEM_PHRASES: dict[str, tuple[str, str]] = {
 _KEY_ALIASES = {
     phrase: name for name, phrases in ITEM_PHRASES.items() for phrase in (name, *phrases)
 }
-
-_ANSWER_PATTERN = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 _BINARY_OPS = {
     ast.Add: operator.add,
@@ -227,11 +226,19 @@ def run_tool_call(text: str) -> str:
 
 
 def extract_answer(text: str) -> str | None:
-    """The content of the first complete ``<answer>...</answer>`` (stripped), or None."""
+    """The content of the first complete ``<answer>...</answer>`` (stripped), or None.
+
+    Two ``str.find`` calls, linear in ``len(text)``: the first opening tag that has a closing tag
+    after it is the first opening tag (a later one cannot have a closing tag the first lacks).
+    """
     if not isinstance(text, str):
         return None
-    match = _ANSWER_PATTERN.search(text)
-    return None if match is None else match.group(1).strip()
+    start = text.find(ANSWER_OPEN_TAG)
+    if start == -1:
+        return None
+    start += len(ANSWER_OPEN_TAG)
+    end = text.find(ANSWER_CLOSE_TAG, start)
+    return None if end == -1 else text[start:end].strip()
 
 
 def observation_spans(text: str) -> list[tuple[int, int]]:

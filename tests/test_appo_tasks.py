@@ -1,9 +1,20 @@
 """Tasks: deterministic by seed, disjoint splits, and demonstrations that earn reward 1.0 when
 their calls are replayed through the real tools."""
 
+import time
+
 import pytest
 
-from appo.tasks import KINDS, Task, demonstration, make_tasks, reward, split_of, system_prompt
+from appo.tasks import (
+    KINDS,
+    Task,
+    demonstration,
+    make_tasks,
+    reward,
+    split_of,
+    system_prompt,
+    task_stream,
+)
 from appo.tools import CALL_CLOSE_TAGS, PRICES, extract_answer, parse_tool_call, run_tool_call
 
 
@@ -110,3 +121,31 @@ def test_make_tasks_rejects_bad_arguments():
         make_tasks("0", 3)
     with pytest.raises(TypeError, match="n"):
         make_tasks(0, 2.5)
+
+
+def test_task_stream_is_lazy_and_make_tasks_is_its_prefix():
+    stream = task_stream(4, "heldout")
+    first = [next(stream) for _ in range(50)]
+    assert first == make_tasks(4, 50, "heldout")
+    assert make_tasks(4, 20, "heldout") == first[:20]
+    with pytest.raises(ValueError, match="split"):
+        task_stream(0, "test")
+    with pytest.raises(TypeError, match="seed"):
+        task_stream(0.5)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<answer>" * 20_000,
+        "<answer>" + "1" * 200_000 + "</answer>",
+        "<answer>" + "1," * 100_000 + ".5</answer>",
+        "<answer>" + "-" * 200_000 + "</answer>",
+    ],
+    ids=["open-tags", "digits", "commas", "signs"],
+)
+def test_reward_is_linear_in_hostile_output(text):
+    task = make_tasks(0, 1)[0]
+    started = time.perf_counter()
+    assert reward(task, text) == 0.0
+    assert time.perf_counter() - started < 0.25

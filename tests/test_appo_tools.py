@@ -194,3 +194,40 @@ def test_extract_answer_and_observation_spans():
     assert extract_answer("<answer>14") is None
     assert [text[a:b] for a, b in observation_spans(text)] == ["<out>7</out>"]
     assert observation_spans("x<out>cut") == [(1, 9)]
+
+
+def test_extract_answer_matches_the_lazy_regex_on_random_text():
+    import re
+
+    pattern = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+    pieces = ["<answer>", "</answer>", "<answer", "answer>", " 7 ", "x", "\n", "</"]
+    rng = random.Random(0)
+    for _ in range(2000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 8)))
+        match = pattern.search(text)
+        assert extract_answer(text) == (None if match is None else match.group(1).strip()), text
+
+
+HOSTILE_TEXT = 20_000  # repetitions: a quadratic scan of these takes seconds to minutes
+
+
+@pytest.mark.parametrize(
+    "scan, text",
+    [
+        (extract_answer, "<answer>" * HOSTILE_TEXT),
+        (extract_answer, "<answer>" * HOSTILE_TEXT + "</answer>"),
+        (extract_answer, "</answer>" * HOSTILE_TEXT),
+        (parse_tool_call, "<calc>" * HOSTILE_TEXT + "</calc>"),
+        (parse_tool_call, "</calc>" * HOSTILE_TEXT + " " * HOSTILE_TEXT),
+        (run_tool_call, "<lookup>" + "pear " * HOSTILE_TEXT + "</lookup>"),
+        (observation_spans, "<out>" * HOSTILE_TEXT),
+        (observation_spans, "<out></out>" * HOSTILE_TEXT),
+        (lookup, "a " * HOSTILE_TEXT),
+        (calculator, "(" * HOSTILE_TEXT),
+    ],
+    ids=lambda value: getattr(value, "__name__", None) or f"{value[:12]!r}x{len(value)}",
+)
+def test_text_scans_of_model_output_are_linear(scan, text):
+    started = time.perf_counter()
+    scan(text)
+    assert time.perf_counter() - started < 0.25, scan.__name__
