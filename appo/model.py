@@ -34,6 +34,32 @@ def default_model_path() -> Path:
     return files[0]
 
 
+GGUF_MAGIC = b"GGUF"
+
+
+def check_model_path(path: str | os.PathLike) -> Path:
+    """``path`` as a ``Path`` if it looks loadable: a directory with a ``config.json``, or a file
+    named ``*.gguf`` that starts with the GGUF magic bytes. Reads at most 4 bytes; raises
+    ``FileNotFoundError`` / ``ValueError`` naming the path otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(
+                f"model directory {path} has no config.json (expected a transformers model "
+                "directory, as save_pretrained writes it)"
+            )
+        return path
+    if path.suffix != ".gguf":
+        raise ValueError(f"model must be a transformers directory or a .gguf file, got {path}")
+    with path.open("rb") as f:
+        magic = f.read(len(GGUF_MAGIC))
+    if magic != GGUF_MAGIC:
+        raise ValueError(f"{path} is not a GGUF file (it does not start with {GGUF_MAGIC!r})")
+    return path
+
+
 def load_model(
     path: str | os.PathLike | None = None,
     *,
@@ -46,12 +72,8 @@ def load_model(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(path) if path is not None else default_model_path()
-    if not path.exists():
-        raise FileNotFoundError(f"model path {path} does not exist")
+    path = check_model_path(path) if path is not None else default_model_path()
     if path.is_file():
-        if path.suffix != ".gguf":
-            raise ValueError(f"model must be a transformers directory or a .gguf file, got {path}")
         source, extra = str(path.parent), {"gguf_file": path.name}
     else:
         source, extra = str(path), {}

@@ -7,18 +7,53 @@ from __future__ import annotations
 import html
 import json
 import math
+import tempfile
 from pathlib import Path
 
 from appo.trainer import StepRecord
 
 
 class RunFolder:
+    """A new run's folder. Construct it only once the run can start (model loaded, arguments
+    valid): it creates the folder; :meth:`check_path` vets a path beforehand without writing."""
+
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.path = self.check_path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.path / "metrics.jsonl"
-        self.metrics_path.write_text("")
+        self.metrics_path.open("x").close()  # exclusive: never truncates an earlier run's file
         self.history: list[dict] = []
+
+    @staticmethod
+    def check_path(path: str | Path) -> Path:
+        """``path`` as a ``Path`` if a run folder can be made there: it does not exist yet (and
+        its nearest existing ancestor is a writable directory) or it is an empty directory. An
+        earlier run's folder, a file, a path below a file or an unwritable place (``/proc``)
+        raise ``ValueError``. Nothing is left behind (writability is probed with a temporary
+        directory that is removed at once)."""
+        path = Path(path)
+        try:
+            if path.exists():
+                if not path.is_dir():
+                    raise ValueError(f"run folder {path} exists and is not a directory")
+                if any(path.iterdir()):
+                    raise ValueError(
+                        f"run folder {path} already holds files (an earlier run?); "
+                        "give a new or empty folder"
+                    )
+                probe_in = path
+            else:
+                probe_in = path.parent
+                while not probe_in.exists():
+                    probe_in = probe_in.parent
+                if not probe_in.is_dir():
+                    raise ValueError(f"run folder {path} would be below {probe_in}, a file")
+            Path(tempfile.mkdtemp(prefix=".appo-probe-", dir=probe_in)).rmdir()
+        except OSError as error:
+            raise ValueError(
+                f"run folder {path} cannot be created: {error.strerror or error}"
+            ) from None
+        return path
 
     def log_step(self, metrics: dict) -> None:
         self.history.append(metrics)

@@ -29,53 +29,15 @@ from dataclasses import dataclass, field
 import torch
 
 from appo.advantages import procedure_advantages
+from appo.config import TrainConfig
 from appo.loss import future_likelihood_scale, policy_loss
 from appo.model import prompt_ids
 from appo.rollout import Rollout, RolloutBatch, RolloutConfig, RolloutEngine
 from appo.tasks import Task, demonstration, reward, system_prompt
 from appo.tools import observation_spans
 from appo_kernels import branching_score_from_stats, select_branch_points, token_stats
+from appo_kernels._validation import check_count
 from appo_kernels.kv.hf import PagedCausalLM
-
-ALGOS = ("appo", "grpo", "entropy")
-
-
-@dataclass
-class TrainConfig:
-    algo: str = "appo"
-    prompts_per_step: int = 2
-    n: int = 4  # initial rollouts per prompt
-    b: int = 2  # branches per prompt (GRPO: extra rollouts, same budget)
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    max_new_tokens: int = 64
-    max_tool_calls: int = 4
-    keep_selected_token: bool = False
-    train_branches: bool = False
-    kl_coef: float = 0.0  # > 0 keeps a frozen reference copy and adds its k3 KL
-    cold_start_lr: float = 1e-4
-    cold_start_batch: int = 4
-    seed: int = 0
-    block_size: int = 16
-
-    def __post_init__(self):
-        if self.algo not in ALGOS:
-            raise ValueError(f"algo must be one of {ALGOS}, got {self.algo!r}")
-        for name in ("prompts_per_step", "n", "b", "max_new_tokens", "cold_start_batch"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if (
-            isinstance(self.max_tool_calls, bool)
-            or not isinstance(self.max_tool_calls, int)
-            or self.max_tool_calls < 0
-        ):
-            raise ValueError(f"max_tool_calls must be an int >= 0, got {self.max_tool_calls!r}")
-        if not self.lr > 0 or not self.cold_start_lr > 0:
-            raise ValueError(
-                f"lr and cold_start_lr must be > 0, got {self.lr}, {self.cold_start_lr}"
-            )
 
 
 @dataclass
@@ -104,6 +66,7 @@ class Trainer:
         max_concurrent: int = 16,
     ):
         self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.max_concurrent = check_count("max_concurrent", max_concurrent, 1)
         self.reward_fn = reward_fn
         self.device = next(model.parameters()).device
         self.system = system_prompt()
@@ -183,10 +146,10 @@ class Trainer:
         return losses
 
     @torch.no_grad()
-    def evaluate(self, tasks: Sequence[Task], batch_size: int = 16) -> dict[str, float]:
-        """Greedy decoding with the tool loop: accuracy (mean reward), tool calls and tokens per
-        rollout."""
-        rewards, calls, tokens = [], [], []
+    def evaluate(self, tasks: Sequence[Task]) -> dict[str, float]:
+        """Greedy decoding with the tool loop, ``max_concurrent`` rollouts at a time: accuracy
+        (mean reward), tool calls and tokens per rollout."""
+        rewards, calls, tokens, batch_size = [], [], [], self.max_concurrent
         for start in range(0, len(tasks), batch_size):
             chunk = list(tasks[start : start + batch_size])
             rollouts = self.greedy_engine.sample(self.prompts(chunk), range(len(chunk)))
