@@ -6,6 +6,9 @@ re-sampled an initial rollout from a token position ``split`` on (they share its
 
     Â_i = (R_i - mean) / (std_population + 1e-6)          (a set of one gets 0)
 
+(``std="sample"`` uses the n − 1 standard deviation instead, as verl's GRPO estimator and the
+APPO paper's code do; a set of one still gets 0.)
+
 A branch's advantage is credited to the procedure that led to its branch point, the shared prefix of
 the rollout it came from. For an initial row ``i`` and token ``t``::
 
@@ -81,10 +84,17 @@ def _validate(rewards, group_ids, is_branch, parent, split, response_mask) -> No
         )
 
 
+STD_CONVENTIONS = ("population", "sample")
+
+
 def group_normalized_rewards(
-    rewards: torch.Tensor, group_ids: torch.Tensor, is_branch: torch.Tensor
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    is_branch: torch.Tensor,
+    std: str = "population",
 ) -> torch.Tensor:
-    """``Â_i`` per (group, kind), in float64: ``(R - mean) / (std_population + 1e-6)``."""
+    """``Â_i`` per (group, kind), in float64: ``(R - mean) / (std + 1e-6)``, with the population
+    (divide by n) or ``"sample"`` (n − 1) standard deviation."""
     keys = torch.stack([group_ids.long(), is_branch.long()], dim=1)
     _, set_of = torch.unique(keys, dim=0, return_inverse=True)
     num_sets = int(set_of.max()) + 1 if set_of.numel() else 0
@@ -93,7 +103,8 @@ def group_normalized_rewards(
     count.index_add_(0, set_of, torch.ones_like(r))
     mean = torch.zeros_like(count).index_add_(0, set_of, r) / count
     deviation = r - mean[set_of]
-    variance = torch.zeros_like(count).index_add_(0, set_of, deviation * deviation) / count
+    squares = torch.zeros_like(count).index_add_(0, set_of, deviation * deviation)
+    variance = squares / (count if std == "population" else (count - 1).clamp_min(1))
     return deviation / (variance.sqrt()[set_of] + NORM_EPS)
 
 
@@ -106,6 +117,7 @@ def procedure_advantages(
     response_mask: torch.Tensor,
     *,
     train_branches: bool = False,
+    std: str = "population",
 ) -> torch.Tensor:
     """Token advantages ``[R, T]`` float32 (see the module docstring).
 
@@ -120,14 +132,17 @@ def procedure_advantages(
         response_mask: ``[R, T]`` {0, 1}: the tokens the policy generated (not prompt, tool
             output or padding).
         train_branches: give branch rows their own ``Â_b`` instead of 0.
+        std: ``"population"`` (SPEC 2.5) or ``"sample"`` (n − 1, verl's) standard deviation.
     """
     _validate(rewards, group_ids, is_branch, parent, split, response_mask)
+    if std not in STD_CONVENTIONS:
+        raise ValueError(f"std must be one of {STD_CONVENTIONS}, got {std!r}")
     rows, length = response_mask.shape
     device = rewards.device
     if rows == 0:
         return torch.zeros(0, length, dtype=torch.float32, device=device)
 
-    a_hat = group_normalized_rewards(rewards, group_ids, is_branch)
+    a_hat = group_normalized_rewards(rewards, group_ids, is_branch, std)
 
     # Credit each branch's Â_b to the prefix [0, split_b) of its parent, then average per token.
     branch_rows = torch.nonzero(is_branch).squeeze(1)

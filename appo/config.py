@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
+from appo.advantages import STD_CONVENTIONS
+from appo.sampler import SAMPLER_DTYPES
 from appo_kernels._validation import check_count, check_nonneg, check_positive
 
 ALGOS = ("appo", "grpo", "entropy")
@@ -39,6 +41,16 @@ class TrainConfig:
     cold_start_batch: int = 4
     seed: int = 0
     block_size: int = 16
+    # PPO as the paper's code runs it: pi_old recomputed by the trainer, several optimizer steps
+    # (mini-batches of the trained rows) per rollout batch.
+    ppo_minibatches: int = 4
+    # The behaviour policy (appo/sampler.py): its weights' dtype and lag (in training steps).
+    sampler_dtype: str = "bfloat16"
+    sampler_lag: int = 0
+    # Where the APPO paper's code differs from SPEC's formulas (docs/design.md, "The trainer").
+    clamp_kl: bool = True  # k3 KL per token clamped to [-10, 10] (verl, the paper's code)
+    drop_dual_clipped_rows: bool = True  # drop rows with > 1 dual-clipped token (paper's code)
+    advantage_std: str = "population"  # GRPO-style std: "population" (SPEC) or "sample" (verl)
 
     def __post_init__(self):
         for spec in fields(self):
@@ -90,4 +102,10 @@ _CHECKS: dict[str, Callable[[str, object], object]] = {
     "cold_start_batch": _at_least(1),
     "seed": _seed,
     "block_size": _at_least(1),
+    "ppo_minibatches": _at_least(1),
+    "sampler_dtype": _one_of(tuple(SAMPLER_DTYPES)),
+    "sampler_lag": _at_least(0),
+    "clamp_kl": _flag,
+    "drop_dual_clipped_rows": _flag,
+    "advantage_std": _one_of(STD_CONVENTIONS),
 }

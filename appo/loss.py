@@ -22,6 +22,16 @@ Policy loss, with ``r = exp(logπ_θ − logπ_old)``::
 with the low-variance KL estimator ``k3 = exp(ref − logπ) − (ref − logπ) − 1`` and ``H`` the
 token-mean entropy, both over the mask. Positions outside the mask contribute exactly 0 to the
 loss and its gradient, whatever their values (NaN included).
+
+Two options reproduce the APPO paper's code (verl) where it goes beyond the formula above, both
+off by default here (the trainer's ``TrainConfig`` turns them on):
+
+* ``kl_clamp``: each token's k3 is clamped to ``[−kl_clamp, kl_clamp]`` (verl's ``low_var_kl``
+  uses 10, ``KL_CLAMP``); a clamped token passes no KL gradient.
+* ``max_dual_clipped_per_row``: a row with more than this many *dual-clipped* tokens
+  (``Ã < 0`` and ``r > dual_clip``, where the bound ``−dual_clip · Ã`` is active) is dropped: it
+  leaves the loss and the token count, as if masked (the paper's code drops rows with more
+  than 1).
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import torch
 
 from appo_kernels._validation import (
     FLOAT_DTYPES,
+    check_count,
     check_float,
     check_fraction,
     check_mask,
@@ -44,6 +55,7 @@ from appo_kernels._validation import (
 from appo_kernels.discounted_future_sum import discounted_future_sum
 
 LOG_RATIO_BOUND = 20.0
+KL_CLAMP = 10.0  # verl's low_var_kl clamp of each token's k3
 _REAL_DTYPES = FLOAT_DTYPES + (torch.float64,)
 
 
@@ -122,6 +134,8 @@ def policy_loss(
     entropy: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
     num_tokens: float | None = None,
+    kl_clamp: float | None = None,
+    max_dual_clipped_per_row: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Dual-clip PPO loss with clip-higher, token-mean over the mask (module docstring, SPEC 2.7).
 
@@ -138,11 +152,14 @@ def policy_loss(
             ``entropy_coef`` × their masked mean.
         num_tokens: divide token sums by this count instead of this batch's mask count (the
             token count of the whole batch when gradients are accumulated over micro-batches).
+        kl_clamp: clamp each token's k3 to ``[−kl_clamp, kl_clamp]`` (None: no clamp).
+        max_dual_clipped_per_row: drop rows with more dual-clipped tokens than this (None: keep
+            every row).
 
     Returns:
         ``(loss, metrics)``: the scalar loss and a dict of float diagnostics (``pg_loss``,
         ``clip_frac_high``, ``clip_frac_low``, ``dual_clip_frac``, ``ratio_mean``, ``ratio_max``,
-        ``approx_kl``, ``tokens``, and ``kl`` / ``entropy`` when given).
+        ``approx_kl``, ``tokens``, ``rows_dropped``, and ``kl`` / ``entropy`` when given).
     """
     tensors = {
         "logprob": logprob,
@@ -160,16 +177,26 @@ def policy_loss(
     entropy_coef = check_nonneg("entropy_coef", entropy_coef)
     if entropy_coef > 0 and entropy is None:
         raise ValueError("entropy must be given when entropy_coef > 0")
-    valid_count = valid.sum()
-    count = (
-        valid_count.clamp_min(1) if num_tokens is None else check_positive("num_tokens", num_tokens)
-    )
+    if kl_clamp is not None:
+        kl_clamp = check_positive("kl_clamp", kl_clamp)
+    if max_dual_clipped_per_row is not None:
+        check_count("max_dual_clipped_per_row", max_dual_clipped_per_row)
 
     # Mask before any arithmetic, so padding values (even NaN / -inf) reach neither loss nor grad.
     log_ratio = torch.where(valid, logprob - old_logprob.detach(), 0.0)
     log_ratio = log_ratio.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
     adv = torch.where(valid, advantages.detach(), 0.0)
     ratio = log_ratio.exp()
+    dual_clipped = (adv < 0) & (ratio.detach() > (dual_clip or math.inf)) & valid
+    rows_dropped = torch.zeros((), dtype=torch.long, device=valid.device)
+    if max_dual_clipped_per_row is not None:
+        dropped = dual_clipped.sum(dim=1) > max_dual_clipped_per_row
+        valid = valid & ~dropped[:, None]
+        rows_dropped = dropped.sum()
+    valid_count = valid.sum()
+    count = (
+        valid_count.clamp_min(1) if num_tokens is None else check_positive("num_tokens", num_tokens)
+    )
     token_loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high))
     if dual_clip is not None:
         token_loss = torch.where(adv < 0, torch.minimum(token_loss, -dual_clip * adv), token_loss)
@@ -180,7 +207,10 @@ def policy_loss(
     if ref_logprob is not None:
         ref_diff = torch.where(valid, ref_logprob.detach() - logprob, 0.0)
         ref_diff = ref_diff.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
-        kl = _masked_mean(ref_diff.exp() - ref_diff - 1.0, valid, count)
+        k3 = ref_diff.exp() - ref_diff - 1.0
+        if kl_clamp is not None:
+            k3 = k3.clamp(-kl_clamp, kl_clamp)
+        kl = _masked_mean(k3, valid, count)
         loss = loss + kl_coef * kl
         metrics["kl"] = kl
     if entropy is not None:
@@ -198,12 +228,11 @@ def policy_loss(
             clip_frac_low=_masked_mean(
                 ((adv < 0) & (ratio < 1.0 - clip_low)).float(), valid, tokens
             ),
-            dual_clip_frac=_masked_mean(
-                ((adv < 0) & (ratio > (dual_clip or math.inf))).float(), valid, tokens
-            ),
+            dual_clip_frac=_masked_mean(dual_clipped.float(), valid, tokens),
             ratio_mean=_masked_mean(ratio, valid, tokens),
             ratio_max=torch.where(valid, ratio, 0.0).max() if valid.any() else ratio.new_zeros(()),
             approx_kl=_masked_mean(ratio - 1.0 - log_ratio.detach(), valid, tokens),
             tokens=valid_count,
+            rows_dropped=rows_dropped,
         )
     return loss, {name: float(value.detach()) for name, value in metrics.items()}

@@ -128,6 +128,8 @@ def rollout_tree_markdown(record: StepRecord, tokenizer, step: int, group: int =
         "Observations (tool output, never trained on or branched) are in **bold**; ⏎ is a newline.",
         "",
     ]
+    if record.omega:
+        lines += [_omega_line(record.omega), ""]
     rows = [i for i, r in enumerate(record.rollouts) if r.group == group and not r.is_branch]
     for row in rows:
         r = record.rollouts[row]
@@ -153,8 +155,10 @@ def rollout_tree_markdown(record: StepRecord, tokenizer, step: int, group: int =
                 .replace("\n", "⏎")
                 .replace("|", "\\|")
             )
-            stats = [record.entropy, record.future_value, record.score]
-            h, omega, score = ("" if s is None else f"{float(s[row, position]):.3f}" for s in stats)
+            stats = [(record.entropy, 3), (record.future_value, 4), (record.score, 3)]
+            h, omega, score = (
+                "" if s is None else f"{float(s[row, position]):.{digits}f}" for s, digits in stats
+            )
             cont = _text(tokenizer, b, b.split, len(b.tokens)).replace("|", "\\|")
             lines.append(
                 f"| {i} | {position} | <code>{token}</code> | {h} | {omega} | {score} | "
@@ -162,6 +166,15 @@ def rollout_tree_markdown(record: StepRecord, tokenizer, step: int, group: int =
             )
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _omega_line(omega: dict) -> str:
+    return (
+        "**Ω over this step's sampled tokens** (trainer vs behaviour policy): summed log-ratio "
+        f"std {omega['omega_logratio_sum_std']:.4f}, mean |log-ratio| per token "
+        f"{omega['logratio_abs_mean']:.4f}; Ω at its lower bound {omega['omega_at_low']:.1%}, "
+        f"at its upper bound {omega['omega_at_high']:.1%}."
+    )
 
 
 def summary_table(summary: dict) -> str:

@@ -76,7 +76,7 @@ class Rollout:
 
 @dataclass
 class RolloutConfig:
-    max_new_tokens: int = 96  # policy tokens per rollout (observations not counted)
+    max_new_tokens: int = 64  # policy tokens per rollout (observations not counted)
     max_tool_calls: int = 4
     temperature: float = 1.0
     greedy: bool = False

@@ -1,22 +1,24 @@
 """The APPO training loop (SPEC section 2), the GRPO and entropy-branching baselines in the same
 code, a cold-start fine-tune on demonstrations, and greedy held-out evaluation.
 
-One step over ``P`` prompts (``algo="appo"``):
+One step over ``P`` prompts (``algo="appo"``), as :meth:`Trainer.step` reads:
 
-1. ``N`` initial rollouts per prompt with the tool loop on the paged KV cache (behaviour
-   log-probs recorded);
-2. one no-grad forward of the current policy over them; ``token_stats`` (exact full-vocabulary
-   entropy, log-probs) and ``branching_score_from_stats`` score every token;
-3. ``select_branch_points`` picks ``B`` points per prompt among sampled, non-whitespace tokens
-   (preferred: ``z(H) > 0`` and ``z(Ω) > 0``); each branch forks its rollout's cache and
-   continues the tool loop; then every cache block is released;
-4. verifiable rewards, dual-group procedure-level advantages, future-likelihood scaling, the
-   dual-clip PPO loss on log-probs from ``token_stats`` (backward through the kernel), AdamW.
+1. **sample**: ``N`` initial rollouts per prompt with the tool loop on the paged KV cache, by the
+   behaviour policy (``appo/sampler.py``: a bf16 and/or lagging copy of the weights), which
+   records its log-probs;
+2. **score**: one no-grad pass of the trainer's policy over them (hidden states and the LM head
+   through ``linear_token_stats``: exact full-vocabulary entropy and log-probs, no ``[R, T, V]``
+   logits). These log-probs are ``π_old`` of the PPO update (the policy has not moved yet), and
+   against the behaviour log-probs they give the future value Ω;
+3. **branch**: ``branching_score_from_stats`` and ``select_branch_points`` pick ``B`` points per
+   prompt among sampled, non-whitespace tokens (preferred: ``z(H) > 0`` and ``z(Ω) > 0``); each
+   branch forks its rollout's cache and continues the tool loop; every cache block is released;
+4. **credit**: verifiable rewards and dual-group procedure-level advantages;
+5. **update**: the trained rows in ``ppo_minibatches`` mini-batches, one AdamW step each, on the
+   dual-clip PPO loss with future-likelihood scaling against ``π_old``.
 
 ``algo="grpo"`` samples ``N + B`` rollouts per prompt and does not branch (same budget);
 ``algo="entropy"`` branches at the top ``z(H)`` tokens (no future value, no preferred tier).
-``π_old`` is the behaviour policy (the log-probs recorded while sampling): one optimizer step per
-batch of rollouts, so the ratio measures sampler/trainer mismatch (e.g. a bf16 cache).
 """
 
 from __future__ import annotations
@@ -30,14 +32,89 @@ import torch
 
 from appo.advantages import procedure_advantages
 from appo.config import TrainConfig
-from appo.loss import future_likelihood_scale, policy_loss
+from appo.loss import KL_CLAMP, future_likelihood_scale, policy_loss
 from appo.model import prompt_ids
 from appo.rollout import Rollout, RolloutBatch, RolloutConfig, RolloutEngine
+from appo.sampler import SAMPLER_DTYPES, SamplerPolicy
 from appo.tasks import Task, demonstration, reward, system_prompt
 from appo.tools import observation_spans
-from appo_kernels import branching_score_from_stats, select_branch_points, token_stats
+from appo_kernels import (
+    TokenStats,
+    branching_score_from_stats,
+    discounted_future_sum,
+    future_value,
+    select_branch_points,
+    token_stats,
+)
 from appo_kernels._validation import check_count
 from appo_kernels.kv.hf import PagedCausalLM
+
+# KV-pool sizing: every sequence of a step (or of an evaluation batch) may hold the system turn,
+# a question of up to QUESTION_TOKENS, the policy's tokens and each tool call's observation
+# (up to OBSERVATION_TOKENS_PER_CALL), plus FORK_SPARE_BLOCKS for a fork's copy-on-write block.
+QUESTION_TOKENS = 128
+OBSERVATION_TOKENS_PER_CALL = 24
+FORK_SPARE_BLOCKS = 1
+OMEGA_CLIP = 0.2  # Ω's clip ε (future_value's default), for the per-step Ω diagnostics
+
+
+def policy_token_stats(model: torch.nn.Module, batch: RolloutBatch) -> TokenStats:
+    """Log-probs and entropies ``[R, T]`` of ``batch.tokens`` under ``model`` (differentiable),
+    from the base model's final hidden states and the LM head through ``linear_token_stats``:
+    the ``[R, T, V]`` logits are never built. Any Llama / Qwen2-family causal LM (a base model
+    with ``last_hidden_state`` and a linear head, no logit scaling)."""
+    width, length = batch.prompt_width, batch.tokens.shape[1]
+    hidden = model.base_model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+    ).last_hidden_state[:, width - 1 : width - 1 + length]
+    head = model.get_output_embeddings()
+    return linear_token_stats(hidden, head.weight, batch.tokens, bias=head.bias)
+
+
+def linear_token_stats(hidden, weight, tokens, *, bias=None) -> TokenStats:
+    """Stand-in until ``appo_kernels.linear_token_stats`` lands on main (same values)."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    return token_stats(logits, tokens)
+
+
+def check_policy_model(model: torch.nn.Module) -> None:
+    """A causal LM whose token statistics :func:`policy_token_stats` can take from hidden
+    states: a base model and a linear output head, and no logit scaling or soft-capping."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear) or getattr(model, "base_model", model) is model:
+        raise TypeError(
+            f"model must be a transformers causal LM with a base model and a linear LM head "
+            f"(Llama / Qwen2 families), got {type(model).__name__}"
+        )
+    config = model.config
+    for name in ("final_logit_softcapping", "logit_scale", "logit_softcapping"):
+        if getattr(config, name, None) not in (None, 1.0):
+            raise ValueError(
+                f"model config sets {name}={getattr(config, name)}; the trainer takes log-probs "
+                "from the LM head without it (Llama / Qwen2 families)"
+            )
+
+
+@dataclass
+class Scored:
+    """The trainer policy's no-grad pass over a batch of rollouts: ``logprob`` is ``π_old``."""
+
+    batch: RolloutBatch
+    logprob: torch.Tensor  # [R, T]
+    entropy: torch.Tensor  # [R, T]
+
+
+@dataclass
+class BranchPlan:
+    """Where to branch (``points``: (row, position) pairs) and the statistics that chose them,
+    ``[R, T]`` over the initial rollouts."""
+
+    points: list[tuple[int, int]]
+    score: torch.Tensor
+    entropy: torch.Tensor
+    future_value: torch.Tensor
 
 
 @dataclass
@@ -51,10 +128,45 @@ class StepRecord:
     entropy: torch.Tensor | None = None  # [N·P, T] of the initial rollouts (branching algos)
     future_value: torch.Tensor | None = None
     score: torch.Tensor | None = None
+    omega: dict[str, float] = field(default_factory=dict)  # omega_diagnostics of the step
+
+
+def split_evenly(items: list, parts: int) -> list[list]:
+    """``items`` in order, cut into at most ``parts`` non-empty runs whose sizes differ by <= 1."""
+    size, extra = divmod(len(items), parts)
+    runs, start = [], 0
+    for part in range(parts):
+        end = start + size + (part < extra)
+        if end > start:
+            runs.append(items[start:end])
+        start = end
+    return runs
+
+
+def omega_diagnostics(
+    logprob: torch.Tensor, behavior_logprob: torch.Tensor, mask: torch.Tensor
+) -> dict[str, float]:
+    """How much signal Ω carries over a batch's sampled tokens: the spread (std) of the summed
+    future log-ratio ``G_t = Σ_{k≥t} (logπ − logπ_behaviour)_k``, the mean ``|log-ratio|`` per
+    token, and the fractions of Ω at its lower and upper clip bounds."""
+    valid = mask.bool()
+    if not valid.any():
+        return {}
+    log_ratio = torch.where(valid, logprob - behavior_logprob, 0.0)
+    summed = discounted_future_sum(log_ratio, valid)[valid]
+    omega = future_value(logprob, behavior_logprob, valid, clip=OMEGA_CLIP)[valid]
+    return {
+        "omega_logratio_sum_std": float(summed.std(correction=0)),
+        "logratio_abs_mean": float(log_ratio[valid].abs().mean()),
+        "omega_at_low": float((omega <= 1.0 - OMEGA_CLIP).float().mean()),
+        "omega_at_high": float((omega >= 1.0 + OMEGA_CLIP).float().mean()),
+    }
 
 
 class Trainer:
-    """Owns the policy, its optimizer, the paged-cache LM and the rollout engines."""
+    """Owns the policy, its optimizer, the behaviour policy with its paged-cache LM, and the
+    rollout engines. ``max_concurrent``: rollouts greedy evaluation runs at once (the KV pool
+    holds that many, or one step's rollouts if more)."""
 
     def __init__(
         self,
@@ -65,6 +177,7 @@ class Trainer:
         reward_fn: Callable[[Task, str], float] = reward,
         max_concurrent: int = 16,
     ):
+        check_policy_model(model)
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.max_concurrent = check_count("max_concurrent", max_concurrent, 1)
         self.reward_fn = reward_fn
@@ -74,14 +187,21 @@ class Trainer:
             model.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
         self.reference = copy.deepcopy(model).requires_grad_(False) if config.kl_coef > 0 else None
+        self.sampler = SamplerPolicy(
+            model, SAMPLER_DTYPES[config.sampler_dtype], config.sampler_lag
+        )
 
         per_step = config.prompts_per_step * (config.n + config.b)
-        prompt_budget = len(prompt_ids(tokenizer, self.system, "")) + 128
-        seq_tokens = prompt_budget + config.max_new_tokens + 24 * config.max_tool_calls
-        blocks_per_seq = -(-seq_tokens // config.block_size) + 1
+        sequence_tokens = (
+            len(prompt_ids(tokenizer, self.system, ""))
+            + QUESTION_TOKENS
+            + config.max_new_tokens
+            + OBSERVATION_TOKENS_PER_CALL * config.max_tool_calls
+        )
+        blocks_per_sequence = -(-sequence_tokens // config.block_size) + FORK_SPARE_BLOCKS
         self.lm = PagedCausalLM(
-            model,
-            num_blocks=max(per_step, max_concurrent) * blocks_per_seq,
+            self.sampler.model,
+            num_blocks=max(per_step, max_concurrent) * blocks_per_sequence,
             block_size=config.block_size,
         )
         rollout_config = RolloutConfig(
@@ -104,6 +224,9 @@ class Trainer:
     def prompts(self, tasks: Sequence[Task]) -> list[list[int]]:
         return [prompt_ids(self.tokenizer, self.system, task.prompt) for task in tasks]
 
+    def batch(self, rollouts: Sequence[Rollout]) -> RolloutBatch:
+        return RolloutBatch.from_rollouts(rollouts, self.pad_id, self.device)
+
     def demonstration_rollout(self, task: Task, prompt: list[int]) -> Rollout:
         """The ideal response as a rollout: text segments the policy would write, and
         observation segments tokenised on their own, as the tool loop appends them."""
@@ -120,7 +243,8 @@ class Trainer:
 
     def cold_start(self, tasks: Sequence[Task], steps: int, progress=None) -> list[float]:
         """Supervised fine-tune on demonstrations (loss on the policy's tokens only; observation
-        tokens excluded, as in RL). Returns the loss of each step."""
+        tokens excluded, as in RL). Returns the loss of each step. The sampler starts from the
+        fine-tuned weights."""
         optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=self.config.cold_start_lr, weight_decay=0.0
         )
@@ -130,10 +254,10 @@ class Trainer:
             rollouts = [
                 self.demonstration_rollout(t, p) for t, p in zip(chunk, self.prompts(chunk))
             ]
-            batch = RolloutBatch.from_rollouts(rollouts, self.pad_id, self.device)
-            stats = token_stats(batch.response_logits(self.model), batch.tokens)
+            batch = self.batch(rollouts)
+            logprob = policy_token_stats(self.model, batch).logprob
             mask = batch.policy_mask
-            loss = -torch.where(mask, stats.logprob, 0.0).sum() / mask.sum().clamp_min(1)
+            loss = -torch.where(mask, logprob, 0.0).sum() / mask.sum().clamp_min(1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
@@ -143,12 +267,15 @@ class Trainer:
                 progress.set_postfix(loss=f"{losses[-1]:.3f}")
                 progress.update(1)
         optimizer.zero_grad(set_to_none=True)
+        self.sampler.reset()
         return losses
 
     @torch.no_grad()
     def evaluate(self, tasks: Sequence[Task]) -> dict[str, float]:
-        """Greedy decoding with the tool loop, ``max_concurrent`` rollouts at a time: accuracy
-        (mean reward), tool calls and tokens per rollout."""
+        """Greedy decoding with the tool loop (the policy's present weights, at the sampler's
+        precision), ``max_concurrent`` rollouts at a time: accuracy (mean reward), tool calls
+        and tokens per rollout."""
+        self.sampler.use_current()
         rewards, calls, tokens, batch_size = [], [], [], self.max_concurrent
         for start in range(0, len(tasks), batch_size):
             chunk = list(tasks[start : start + batch_size])
@@ -171,30 +298,47 @@ class Trainer:
         cfg, started = self.config, time.perf_counter()
         prompts = self.prompts(tasks)
         per_prompt = cfg.n + cfg.b if cfg.algo == "grpo" else cfg.n
+        self.sampler.use_behaviour()
         initial = self.engine.sample(
             [p for p in prompts for _ in range(per_prompt)],
             [g for g in range(len(prompts)) for _ in range(per_prompt)],
             self.generator,
         )
-        record = StepRecord(list(tasks), initial, [])
-        branches: list[Rollout] = []
+        branches, plan = [], None
         try:
+            scored = self.score(initial)
             if cfg.algo != "grpo":
-                branches = self._branch(initial, len(prompts), record)
+                plan = self.plan_branches(initial, scored, len(prompts))
+                branches = self.engine.branch(
+                    initial,
+                    plan.points,
+                    self.generator,
+                    keep_selected_token=cfg.keep_selected_token,
+                )
         finally:
             self.engine.release(initial + branches)
         rollouts = initial + branches
-        record.rollouts = rollouts
-        record.rewards = [
+        rewards = [
             self.reward_fn(tasks[r.group], self.tokenizer.decode(r.tokens)) for r in rollouts
         ]
         generated_at = time.perf_counter()
 
-        metrics = self._update(rollouts, record.rewards)
+        advantages = self.advantages(rollouts, rewards)
+        rows = [i for i, r in enumerate(rollouts) if cfg.train_branches or not r.is_branch]
+        old_logprob = self.old_logprob(scored, [rollouts[i] for i in rows[len(initial) :]])
+        self.sampler.before_update()
+        metrics = self.ppo_update([rollouts[i] for i in rows], advantages[rows], old_logprob)
+
+        omega = omega_diagnostics(
+            scored.logprob, scored.batch.behavior_logprob, scored.batch.policy_mask
+        )
+        mask = scored.batch.policy_mask
         n_init = len(initial)
         metrics.update(
-            reward=sum(record.rewards[:n_init]) / n_init,
-            reward_branches=sum(record.rewards[n_init:]) / len(branches) if branches else None,
+            entropy=float(torch.where(mask, scored.entropy, 0.0).sum() / mask.sum().clamp_min(1)),
+            **omega,
+            reward=sum(rewards[:n_init]) / n_init,
+            reward_branches=sum(rewards[n_init:]) / len(branches) if branches else None,
             tool_calls=sum(r.tool_calls for r in rollouts) / len(rollouts),
             branches=len(branches),
             tokens_generated=sum(r.new_tokens for r in rollouts),
@@ -203,7 +347,19 @@ class Trainer:
             generate_s=generated_at - started,
             update_s=time.perf_counter() - generated_at,
         )
+        record = StepRecord(list(tasks), rollouts, rewards, omega=omega)
+        if plan is not None:
+            record.branch_points = plan.points
+            record.entropy, record.future_value = plan.entropy.cpu(), plan.future_value.cpu()
+            record.score = plan.score.cpu()
         return metrics, record
+
+    @torch.no_grad()
+    def score(self, rollouts: Sequence[Rollout]) -> Scored:
+        """The trainer policy's log-probs (``π_old``) and entropies over ``rollouts``."""
+        batch = self.batch(rollouts)
+        stats = policy_token_stats(self.model, batch)
+        return Scored(batch, stats.logprob, stats.entropy)
 
     def branch_candidates(self, batch: RolloutBatch, rollouts: Sequence[Rollout]) -> torch.Tensor:
         """[R, T] bool: sampled tokens that are not whitespace-only (never prompt, observation or
@@ -215,94 +371,113 @@ class Trainer:
             candidates[torch.arange(len(rollouts), device=self.device), last.clamp_min(0)] = False
         return candidates
 
-    def _branch(self, initial: list[Rollout], groups: int, record: StepRecord) -> list[Rollout]:
-        cfg = self.config
-        batch = RolloutBatch.from_rollouts(initial, self.pad_id, self.device)
-        with torch.no_grad():
-            stats = token_stats(batch.response_logits(self.model), batch.tokens)
+    def plan_branches(self, initial: list[Rollout], scored: Scored, groups: int) -> BranchPlan:
+        """Branching scores of the initial rollouts and ``b`` branch points per prompt group:
+        APPO ranks by ``z(H) · z(Ω)`` (preferred: both > 0), entropy-only by ``z(H)``."""
+        batch = scored.batch
         bs = branching_score_from_stats(
-            stats.entropy, stats.logprob, batch.behavior_logprob, batch.policy_mask
+            scored.entropy, scored.logprob, batch.behavior_logprob, batch.policy_mask
         )
-        candidates = self.branch_candidates(batch, initial)
-        if cfg.algo == "appo":
+        if self.config.algo == "appo":
             score, preferred = bs.score, (bs.z_entropy > 0) & (bs.z_future > 0)
-        else:  # entropy-only branching: rank by z(H) alone
+        else:
             score = torch.where(batch.policy_mask, bs.z_entropy, float("-inf"))
             preferred = None
-        group_ids = torch.tensor([r.group for r in initial], device=self.device)
         points = select_branch_points(
-            score, candidates, group_ids, cfg.b, preferred=preferred, num_groups=groups
+            score,
+            self.branch_candidates(batch, initial),
+            torch.tensor([r.group for r in initial], device=self.device),
+            self.config.b,
+            preferred=preferred,
+            num_groups=groups,
         )
         pairs = [
             (r, t)
             for r, t in zip(points.rows.flatten().tolist(), points.positions.flatten().tolist())
             if r >= 0
         ]
-        record.branch_points = pairs
-        record.entropy, record.future_value, record.score = (
-            bs.entropy.cpu(),
-            bs.future_value.cpu(),
-            score.cpu(),
-        )
-        return self.engine.branch(
-            initial, pairs, self.generator, keep_selected_token=cfg.keep_selected_token
-        )
+        return BranchPlan(pairs, score, bs.entropy, bs.future_value)
 
-    def _update(self, rollouts: list[Rollout], rewards: list[float]) -> dict[str, float]:
-        """Advantages, loss and one optimizer step on the trained rows."""
-        cfg, device = self.config, self.device
-        full = RolloutBatch.from_rollouts(rollouts, self.pad_id, device)
-        advantages = procedure_advantages(
+    def advantages(self, rollouts: list[Rollout], rewards: list[float]) -> torch.Tensor:
+        """Procedure-level token advantages ``[R, T]`` of every rollout (SPEC 2.5)."""
+        device = self.device
+        return procedure_advantages(
             torch.tensor(rewards, device=device),
             torch.tensor([r.group for r in rollouts], device=device),
             torch.tensor([r.is_branch for r in rollouts], device=device),
             torch.tensor([r.parent for r in rollouts], device=device),
             torch.tensor([r.split for r in rollouts], device=device),
-            full.policy_mask,
-            train_branches=cfg.train_branches,
+            self.batch(rollouts).policy_mask,
+            train_branches=self.config.train_branches,
+            std=self.config.advantage_std,
         )
-        rows = [i for i, r in enumerate(rollouts) if cfg.train_branches or not r.is_branch]
-        if len(rows) == len(rollouts):  # every row is trained on: that batch is ``full``
-            batch = full
-        else:  # without the branch rows (narrower padding)
-            batch = RolloutBatch.from_rollouts([rollouts[i] for i in rows], self.pad_id, device)
-        advantages = advantages[rows][:, : batch.tokens.shape[1]]
-        mask = batch.policy_mask
-        learns = bool(advantages.abs().max() > 0) or self.reference is not None
 
-        with torch.set_grad_enabled(learns):
-            stats = token_stats(batch.response_logits(self.model), batch.tokens)
-        entropy = float(
-            torch.where(mask, stats.entropy.detach(), 0.0).sum() / mask.sum().clamp_min(1)
+    def old_logprob(self, scored: Scored, trained_branches: list[Rollout]) -> torch.Tensor:
+        """``π_old`` ``[R, T]`` of the trained rows: the initial rollouts' from the scoring pass
+        (the same weights), then the trained branches', scored now."""
+        if not trained_branches:
+            return scored.logprob
+        extra = self.score(trained_branches).logprob
+        width = max(scored.logprob.shape[1], extra.shape[1])
+        pad = torch.nn.functional.pad
+        return torch.cat(
+            [pad(lp, (0, width - lp.shape[1])) for lp in (scored.logprob, extra)], dim=0
         )
-        if not learns:  # every group has equal rewards: the loss and its gradient are exactly 0
-            return {"loss": 0.0, "entropy": entropy, "grad_norm": 0.0, "updated": 0.0}
+
+    def ppo_update(
+        self, rollouts: list[Rollout], advantages: torch.Tensor, old_logprob: torch.Tensor
+    ) -> dict[str, float]:
+        """The PPO update on one rollout batch: its rows in ``ppo_minibatches`` mini-batches (in
+        order), one optimizer step each. ``advantages`` and ``old_logprob`` are ``[R, >= T]``
+        rows of ``rollouts``. A mini-batch whose loss is exactly 0 (every advantage 0, no KL)
+        takes no step. Returns the mean of each step's metrics and ``updated``, the step count."""
+        steps = []
+        rows = list(range(len(rollouts)))
+        for chunk in split_evenly(rows, self.config.ppo_minibatches):
+            if not advantages[chunk].any() and self.reference is None:
+                continue
+            batch = self.batch([rollouts[i] for i in chunk])
+            length = batch.tokens.shape[1]
+            steps.append(
+                self.optimizer_step(batch, advantages[chunk, :length], old_logprob[chunk, :length])
+            )
+        if not steps:
+            return {"loss": 0.0, "grad_norm": 0.0, "updated": 0.0}
+        metrics = {name: sum(s[name] for s in steps) / len(steps) for name in steps[0]}
+        return {**metrics, "updated": float(len(steps))}
+
+    def optimizer_step(
+        self, batch: RolloutBatch, advantages: torch.Tensor, old_logprob: torch.Tensor
+    ) -> dict[str, float]:
+        """One AdamW step on the loss of one mini-batch."""
+        cfg = self.config
+        mask = batch.policy_mask
+        logprob = policy_token_stats(self.model, batch).logprob
         ref_logprob = None
         if self.reference is not None:
             with torch.no_grad():
-                ref_logprob = token_stats(
-                    batch.response_logits(self.reference), batch.tokens
-                ).logprob
-        scaled = future_likelihood_scale(advantages, stats.logprob, batch.behavior_logprob, mask)
+                ref_logprob = policy_token_stats(self.reference, batch).logprob
+        scaled = future_likelihood_scale(advantages, logprob, old_logprob, mask)
         loss, loss_metrics = policy_loss(
-            stats.logprob,
-            batch.behavior_logprob,
+            logprob,
+            old_logprob,
             scaled,
             mask,
             ref_logprob=ref_logprob,
             kl_coef=cfg.kl_coef,
+            kl_clamp=KL_CLAMP if cfg.clamp_kl else None,
+            max_dual_clipped_per_row=1 if cfg.drop_dual_clipped_rows else None,
         )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        kept = ("clip_frac_high", "clip_frac_low", "dual_clip_frac", "ratio_mean", "ratio_max")
         return {
             "loss": float(loss.detach()),
-            "entropy": entropy,
             "grad_norm": grad_norm,
-            "updated": 1.0,
-            **{
-                k: v for k, v in loss_metrics.items() if k in ("clip_frac_high", "ratio_mean", "kl")
-            },
+            "rows_dropped": loss_metrics["rows_dropped"],
+            **{name: loss_metrics[name] for name in kept},
+            **({"kl": loss_metrics["kl"]} if "kl" in loss_metrics else {}),
         }

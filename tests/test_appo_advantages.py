@@ -203,3 +203,42 @@ def _with(index, value):
 def test_bad_input_names_the_argument(index, value, error, match):
     with pytest.raises(error, match=match):
         procedure_advantages(**_with(index, value))
+
+
+@pytest.mark.parametrize(
+    "std, one, zero",
+    [
+        ("population", 0.4 / math.sqrt(0.24), -0.6 / math.sqrt(0.24)),
+        ("sample", 0.4 / math.sqrt(0.3), -0.6 / math.sqrt(0.3)),
+    ],
+)
+def test_std_convention_hand_worked(std, one, zero):
+    """Rewards [1, 0, 0, 1, 1]: mean 0.6, squared deviations sum to 1.2, so the variance is 0.24
+    (population, SPEC 2.5) or 0.3 (n − 1, verl's GRPO). A set of one gets 0 either way."""
+    rewards = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    args = as_tensors(rewards, [0] * 5 + [1], [False] * 6, [-1] * 6, [-1] * 6, [[1] * 3] * 6)
+    got = procedure_advantages(*args, std=std)[:, 0].double()
+    want = torch.tensor([one, zero, zero, one, one, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="std"):
+        procedure_advantages(*args, std="unbiased")
+
+
+@pytest.mark.parametrize("keep_selected_token", [False, True])
+def test_credit_span_of_the_selected_token_hand_worked(keep_selected_token):
+    """Initial rows 0 and 1 (rewards 1, 0: Â = ±1); branches from row 0 at positions 2 and 4
+    (rewards 1, 0: Â = ±1). Re-sampling the selected token (split = position) credits [0, t);
+    keeping it (split = position + 1, the paper's code) credits [0, t]. The selected token of the
+    first branch (position 2) gets 1 + mean(+1, −1) = 1 only when the branch kept it; else only
+    the second branch covers it: 1 − 1 = 0."""
+    keep = int(keep_selected_token)
+    split = [-1, -1, 2 + keep, 4 + keep]
+    args = as_tensors(
+        [1.0, 0.0, 1.0, 0.0], [0] * 4, [0, 0, 1, 1], [-1, -1, 0, 0], split, [[1] * 6] * 4
+    )
+    row = procedure_advantages(*args)[0].double()
+    if keep_selected_token:  # t < 3: both branches; 3 <= t < 5: the second; t = 5: none
+        want = [1.0, 1.0, 1.0, 0.0, 0.0, 1.0]
+    else:  # t < 2: both; 2 <= t < 4: the second; t >= 4: none
+        want = [1.0, 1.0, 0.0, 0.0, 1.0, 1.0]
+    torch.testing.assert_close(row, torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-5)

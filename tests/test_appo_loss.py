@@ -61,13 +61,26 @@ def reference_loss(
     kl_coef=0.001,
     entropy=None,
     entropy_coef=0.0,
+    kl_clamp=None,
+    max_dual_clipped_per_row=None,
 ):
     """Token-by-token SPEC 2.7 on float64 scalars (autograd flows to ``logprob``); also returns
-    the token counts of each clipping regime."""
+    the token counts of each clipping regime. With ``max_dual_clipped_per_row``, rows with more
+    dual-clipped tokens are skipped; with ``kl_clamp``, each k3 is clamped."""
     pg, kl, ent, tokens = 0.0, 0.0, 0.0, 0
     regimes = {"high": 0, "low": 0, "dual": 0}
     rows, length = logprob.shape
     for b in range(rows):
+        dual_clipped = sum(
+            1
+            for t in range(length)
+            if mask[b, t]
+            and dual_clip is not None
+            and float(adv[b, t]) < 0
+            and math.exp(float(logprob[b, t].detach() - old[b, t])) > dual_clip
+        )
+        if max_dual_clipped_per_row is not None and dual_clipped > max_dual_clipped_per_row:
+            continue
         for t in range(length):
             if not mask[b, t]:
                 continue
@@ -83,7 +96,8 @@ def reference_loss(
             pg = pg + token
             if ref is not None:
                 d = ref[b, t] - logprob[b, t]
-                kl = kl + torch.exp(d) - d - 1
+                k3 = torch.exp(d) - d - 1
+                kl = kl + (k3 if kl_clamp is None else k3.clamp(-kl_clamp, kl_clamp))
             if entropy is not None:
                 ent = ent + entropy[b, t]
     n = max(tokens, 1)
@@ -298,3 +312,54 @@ def test_future_likelihood_scale_bad_input(change, error, match):
     kwargs.update(change)
     with pytest.raises(error, match=match):
         future_likelihood_scale(**kwargs)
+
+
+def _hand_worked_rows():
+    """Three rows of three tokens: (advantage, ratio) per token."""
+    adv = torch.tensor([[-1.0, -1.0, 1.0], [-1.0, 1.0, -1.0], [1.0, 1.0, 1.0]], dtype=torch.float64)
+    ratio = torch.tensor([[4.0, 5.0, 1.0], [4.0, 1.0, 0.5], [1.0, 2.0, 1.0]], dtype=torch.float64)
+    old = torch.full((3, 3), -1.0, dtype=torch.float64)
+    return (old + ratio.log()).requires_grad_(True), old, adv, torch.ones(3, 3)
+
+
+@pytest.mark.parametrize(
+    "limit, want, dropped",
+    [
+        # row 0 has two dual-clipped tokens (A < 0, r > 3): dropped. Token losses: row 1
+        # 3 (dual bound −3·A), −1, 0.8 (−A·clip(0.5) = 0.8); row 2 −1, −1.28 (clip 1 + 0.28), −1.
+        (1, (3 - 1 + 0.8 - 1 - 1.28 - 1) / 6, 1),
+        (None, (3 + 3 - 1 + 3 - 1 + 0.8 - 1 - 1.28 - 1) / 9, 0),  # nothing dropped
+        (0, (-1 - 1.28 - 1) / 3, 2),  # row 1's one dual-clipped token drops it too
+    ],
+)
+def test_dual_clipped_row_filter_hand_worked(limit, want, dropped):
+    logprob, old, adv, mask = _hand_worked_rows()
+    loss, metrics = policy_loss(logprob, old, adv, mask, max_dual_clipped_per_row=limit)
+    assert loss.item() == pytest.approx(want, abs=1e-12)
+    assert metrics["rows_dropped"] == dropped
+    loss.backward()
+    if limit is not None:
+        assert torch.all(logprob.grad[0] == 0)  # a dropped row passes no gradient
+    with pytest.raises(ValueError, match="max_dual_clipped_per_row"):
+        policy_loss(logprob, old, adv, mask, max_dual_clipped_per_row=-1)
+
+
+@pytest.mark.parametrize("kl_clamp", [None, 10.0])
+def test_k3_clamp_hand_worked(kl_clamp):
+    """ref − logπ = 3, 0.5, −2: k3 = e^d − d − 1 = 16.0855, 0.1487, 1.1353; clamped to 10 (verl's
+    low_var_kl), the first token's KL passes no gradient (d k3 / d logπ = 1 − e^d otherwise)."""
+    logprob = torch.tensor([[-1.0, -1.0, -1.0]], dtype=torch.float64, requires_grad=True)
+    ref = logprob.detach() + torch.tensor([[3.0, 0.5, -2.0]], dtype=torch.float64)
+    zeros, mask = torch.zeros(1, 3, dtype=torch.float64), torch.ones(1, 3)
+    k3 = [math.exp(d) - d - 1 for d in (3.0, 0.5, -2.0)]
+    if kl_clamp is not None:
+        k3[0] = 10.0
+    loss, metrics = policy_loss(
+        logprob, logprob.detach(), zeros, mask, ref_logprob=ref, kl_coef=1.0, kl_clamp=kl_clamp
+    )
+    assert metrics["kl"] == pytest.approx(sum(k3) / 3, abs=1e-12)
+    loss.backward()
+    grads = [(1 - math.exp(d)) / 3 for d in (3.0, 0.5, -2.0)]
+    if kl_clamp is not None:
+        grads[0] = 0.0
+    torch.testing.assert_close(logprob.grad[0], torch.tensor(grads, dtype=torch.float64))
