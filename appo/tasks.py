@@ -141,6 +141,11 @@ def _pools() -> dict[tuple[str, str], tuple[Task, ...]]:
     return {key: tuple(tasks) for key, tasks in pools.items()}
 
 
+def all_tasks() -> tuple[Task, ...]:
+    """Every question of both splits (a few thousand), e.g. to build a task vocabulary."""
+    return tuple(task for pool in _pools().values() for task in pool)
+
+
 def make_tasks(seed: int, n: int, split: str = "train") -> list[Task]:
     """``n`` tasks of ``split`` ("train" or "heldout"): the first ``n`` of
     :func:`task_stream` ``(seed, split)``, so deterministic in ``(seed, split)`` and a prefix of

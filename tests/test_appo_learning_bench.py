@@ -1,0 +1,74 @@
+"""``bench/learning.py`` end to end at a tiny size: every algorithm and seed runs from the seed's
+cold-started checkpoint to the token budget, and the PNG, table and JSON are written."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from appo.config import ALGOS
+from appo.tasks import all_tasks, demonstration, system_prompt
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "learning.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("learning_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def test_learning_bench_end_to_end(bench, tmp_path, capsys):
+    assert bench.main(["--setting", "tiny", "--seeds", "2", "--out", str(tmp_path)]) == 0
+    runs = json.loads((tmp_path / "learning_tiny.json").read_text())["runs"]
+    assert sorted((r["algo"], r["seed"]) for r in runs) == sorted(
+        (algo, seed) for algo in ALGOS for seed in (0, 1)
+    )
+    setting = bench.SETTINGS["tiny"]
+    for run in runs:
+        tokens = [point["tokens"] for point in run["curve"]]
+        assert len(tokens) == 1 + setting.evals and tokens == sorted(tokens)
+        assert tokens[0] == 0 and tokens[-1] >= setting.budget
+        assert run["rl_steps"] >= 1 and 0 <= run["train_tool_calls"]
+    for seed in (0, 1):  # every algorithm starts from the same checkpoint
+        starts = {json.dumps(r["curve"][0]) for r in runs if r["seed"] == seed}
+        assert len(starts) == 1
+    assert (tmp_path / "learning_tiny.png").read_bytes()[:4] == b"\x89PNG"
+    table = (tmp_path / "learning_tiny.md").read_text()
+    assert all(f"| {algo} | 2 |" in table for algo in ALGOS)
+    assert table in capsys.readouterr().out
+
+
+def test_summary_is_mean_and_population_std_over_seeds(bench):
+    def run(seed, accuracy):
+        curve = [
+            {"tokens": 0, "accuracy": 0.25, "tool_calls": 1.0},
+            {"tokens": 100 + seed, "accuracy": accuracy, "tool_calls": 2.0 + seed},
+        ]
+        return {
+            "algo": "grpo",
+            "seed": seed,
+            "curve": curve,
+            "train_tool_calls": 1.5,
+            "rl_steps": 4,
+            "wall_s": 1.0,
+        }
+
+    table = bench.summarise([run(0, 0.5), run(1, 0.7)])["grpo"]
+    assert table["final"] == pytest.approx((0.6, 0.1))
+    assert table["eval_tool_calls"] == pytest.approx((2.5, 0.5))
+    assert table["curve"][1]["tokens"] == pytest.approx(100.5)
+
+
+def test_task_tokenizer_round_trips_every_task_text(bench):
+    tokenizer = bench.task_tokenizer()
+    texts = [system_prompt()] + [t.prompt + "\n" + demonstration(t) for t in all_tasks()]
+    for text in texts:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert tokenizer.unk_token_id not in ids and tokenizer.decode(ids) == text
