@@ -303,7 +303,8 @@ def _cases(dtype, arch):
     """Every kernel, specialised like the JIT does for contiguous aligned rows."""
     block_v = 4096 if dtype != "fp32" else 2048
     stats = {
-        f"{n}_ptr": "*fp32" for n in ("logprob", "entropy", "lse", "part_m", "part_s", "part_a")
+        f"{n}_ptr": "*fp32"
+        for n in ("logprob", "entropy", "row_max", "log_sum", "part_m", "part_s", "part_a")
     }
     fwd = {
         "x_ptr": f"*{dtype}",
@@ -320,7 +321,8 @@ def _cases(dtype, arch):
     bwd = {
         "x_ptr": f"*{dtype}",
         "tokens_ptr": "*i64",
-        "lse_ptr": "*fp32",
+        "row_max_ptr": "*fp32",
+        "log_sum_ptr": "*fp32",
         "entropy_ptr": "*fp32",
         "grad_logprob_ptr": "*fp32",
         "grad_entropy_ptr": "*fp32",
