@@ -45,14 +45,15 @@ from appo_kernels.token_stats import (
     rows_forward,
 )
 
-# Logits bytes of one chunk when chunk_size is not given: large enough for efficient matmuls,
-# small next to the [N, V] logits it replaces (Qwen2.5's V = 152064 in bf16: 862 rows on CUDA).
-_CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 32 << 20}
+# Logits bytes of one chunk when chunk_size is not given: large enough for efficient matmuls
+# (and few read-modify-write passes of dW, one per chunk), small next to the [N, V] logits it
+# replaces (Qwen2.5's V = 152064 in bf16: 832 rows on CUDA; SmolLM2's 49152 in fp32: 320 on CPU).
+_CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 64 << 20}
 _ROW_MULTIPLE = 64  # chunk rows are a multiple of this (matmul tiles), unless N is smaller
 
 
 def default_chunk_size(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
-    """Rows per chunk so that one chunk of logits takes about 256 MB on CUDA, 32 MB on CPU."""
+    """Rows per chunk so that one chunk of logits takes about 256 MB on CUDA, 64 MB on CPU."""
     budget = _CHUNK_BYTES["cuda" if device.type == "cuda" else "cpu"]
     rows = max(1, budget // (vocab * dtype.itemsize))
     if rows >= _ROW_MULTIPLE:
@@ -283,7 +284,7 @@ def linear_token_stats(
     ignore_index : int
         Rows with this id are skipped entirely: ``logprob = 0``, ``entropy = 0``, zero gradient.
     chunk_size : int, optional
-        Rows per chunk of logits; by default about 256 MB of logits on CUDA, 32 MB on CPU.
+        Rows per chunk of logits; by default about 256 MB of logits on CUDA, 64 MB on CPU.
 
     Returns
     -------
