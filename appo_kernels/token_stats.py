@@ -145,25 +145,31 @@ if HAS_TRITON:
         SPLIT: tl.constexpr,
     ):
         """Program (row, split) streams columns [split * cols_per_split, ...) of one row in
-        BLOCK_V chunks, keeping (m, s, a). Without a split it writes the row's statistics; with
-        one it writes the partial (m, s, a) for the merge kernel."""
+        BLOCK_V chunks. It keeps the running maximum m as a scalar and the sums s, a as BLOCK_V-wide
+        vectors (one lane per column slot), so each chunk costs one block reduction (its maximum)
+        and the vectors are rescaled only in the rare chunks that raise m; the lanes are summed once
+        at the end. Without a split it writes the row's statistics; with one it writes the partial
+        (m, s, a) for the merge kernel."""
         row = tl.program_id(0)
         split = tl.program_id(1)
         x_row = x_ptr + _row_offset(row, T1, stride_outer, stride_inner)
         col_begin = split * cols_per_split
         col_end = tl.minimum(col_begin + cols_per_split, V)
         m = tl.full([], NEG_INF, tl.float32)
-        s = tl.zeros([], tl.float32)
-        a = tl.zeros([], tl.float32)
+        s_lanes = tl.zeros([BLOCK_V], tl.float32)
+        a_lanes = tl.zeros([BLOCK_V], tl.float32)
         for start in range(col_begin, col_end, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             x = tl.load(x_row + cols, mask=cols < V, other=NEG_INF).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(x, axis=0))
-            s, a = _rebase(m, s, a, m_new, inv_temp)
-            e, de = _rebase(x, 1.0, 0.0, m_new, inv_temp)
-            s += tl.sum(e, axis=0)
-            a += tl.sum(de, axis=0)
-            m = m_new
+            chunk_max = tl.max(x, axis=0)
+            if chunk_max > m:
+                s_lanes, a_lanes = _rebase(m, s_lanes, a_lanes, chunk_max, inv_temp)
+                m = chunk_max
+            e, de = _rebase(x, 1.0, 0.0, m, inv_temp)
+            s_lanes += e
+            a_lanes += de
+        s = tl.sum(s_lanes, axis=0)
+        a = tl.sum(a_lanes, axis=0)
         if SPLIT:
             part = row.to(tl.int64) * tl.num_programs(1) + split
             tl.store(part_m_ptr + part, m)
@@ -293,7 +299,11 @@ if HAS_TRITON:
 # Launchers
 # --------------------------------------------------------------------------------------------
 
-_WARPS = 8  # per program for large rows
+# Warps per program for long rows, measured on an H200 (bench/results): the forward pass, which
+# reduces each chunk across the program, runs fastest with 4 warps; the backward pass (no
+# reductions, read + write) with 8.
+FORWARD_WARPS = 4
+BACKWARD_WARPS = 8
 _VECTORS_PER_THREAD = 2  # 16-byte loads per thread and chunk
 _MIN_BLOCKS_PER_SPLIT = 4  # a vocabulary split streams at least this many chunks
 _MAX_SPLITS = 128
@@ -318,18 +328,19 @@ def _launch_config(
     device: torch.device,
     block_v: int = 0,
     num_splits: int = 0,
+    warps: int = FORWARD_WARPS,
 ) -> _LaunchConfig:
     """Chunk size, warps and vocabulary splits for a [n_rows, vocab] launch (0 = choose).
 
-    A chunk gives each of 8 warps' threads two 16-byte loads (4096 bf16/fp16 or 2048 fp32
-    columns), capped by the row length. Rows split into several programs only on CUDA when
-    there are fewer than 4 programs per SM and each split keeps >= 4 chunks; off-GPU (the
-    interpreter) the split count is 1 unless forced.
+    A chunk gives each of ``warps`` warps' threads two 16-byte loads (with 4 warps: 2048
+    bf16/fp16 or 1024 fp32 columns), capped by the row length. Rows split into several programs
+    only on CUDA when there are fewer than 4 programs per SM and each split keeps >= 4 chunks;
+    off-GPU (the interpreter) the split count is 1 unless forced.
     """
     if block_v == 0:
         per_thread = _VECTORS_PER_THREAD * 16 // dtype.itemsize
-        block_v = min(triton.next_power_of_2(vocab), _WARPS * 32 * per_thread)
-    num_warps = max(1, min(_WARPS, block_v // (32 * 8)))
+        block_v = min(triton.next_power_of_2(vocab), warps * 32 * per_thread)
+    num_warps = max(1, min(warps, block_v // (32 * 8)))
     n_blocks = triton.cdiv(vocab, block_v)
     if num_splits == 0:
         num_splits = 1
@@ -376,7 +387,9 @@ def _triton_forward(rows, tokens, temperature, ignore_index, block_v, num_splits
 def _triton_backward(rows, tokens, row_max, log_sum, entropy, grad_logprob, grad_entropy,
                      temperature, ignore_index, block_v, num_splits, out):  # fmt: skip
     outer, inner, vocab = rows.shape
-    cfg = _launch_config(outer * inner, vocab, rows.dtype, rows.device, block_v, num_splits)
+    cfg = _launch_config(
+        outer * inner, vocab, rows.dtype, rows.device, block_v, num_splits, BACKWARD_WARPS
+    )
     T1, stride_outer, stride_inner = _kernel_rows(rows)
     with launch_device(rows):
         _token_stats_bwd_kernel[(outer * inner, cfg.num_splits)](

@@ -21,11 +21,13 @@ verl and TRL are loaded from their installed files without importing the package
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib.util
 import json
 import os
 import sys
+import types
 from collections.abc import Callable
 
 import torch
@@ -63,6 +65,35 @@ def load_file_module(package: str, relpath: str):
     return module
 
 
+def load_trl_chunked_logprob():
+    """TRL's chunked log-prob module. Its backward imports ``trl.trainer.utils`` (for a DeepSpeed
+    ZeRO-3 gather of the LM head); where that import fails (no ``datasets`` on the GPU image), the
+    kernel file is loaded on its own with that gather as a no-op, which is what it does in a
+    single process anyway."""
+    try:
+        import trl.trainer.utils  # noqa: F401
+        from trl.kernels import chunked_logprob
+
+        return chunked_logprob
+    except ImportError:
+        pass
+    spec = importlib.util.find_spec("trl")
+    if spec is None:
+        return None
+    package = types.ModuleType("_bench_trl")
+    package.__path__ = []
+    trainer_utils = types.ModuleType("_bench_trl.trainer.utils")
+    trainer_utils.maybe_gather_lm_head_ctx = lambda *args, **kwargs: contextlib.nullcontext()
+    sys.modules.update({"_bench_trl": package, "_bench_trl.trainer": types.ModuleType("t"),
+                        "_bench_trl.trainer.utils": trainer_utils})  # fmt: skip
+    sys.modules["_bench_trl.trainer"].utils = trainer_utils
+    path = os.path.join(spec.submodule_search_locations[0], "kernels", "chunked_logprob.py")
+    module_spec = importlib.util.spec_from_file_location("_bench_trl.kernels.chunked_logprob", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
 def unfused(stats_fn: Callable) -> Callable:
     def run(h, w, y):
         return stats_fn(h @ w.t(), y)
@@ -90,7 +121,7 @@ def implementations(device: torch.device) -> dict[str, tuple[Callable, bool]]:
                 verl.FusedLinearForPPO(impl_backend="liger"),
                 True,
             )
-    trl = load_file_module("trl", "kernels/chunked_logprob.py")
+    trl = load_trl_chunked_logprob()
     if trl is not None:
         # TRL's GRPO trainer calls it with a 32768-column vocabulary chunk.
         def trl_chunked(h, w, y):
@@ -103,7 +134,7 @@ def implementations(device: torch.device) -> dict[str, tuple[Callable, bool]]:
     if device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
-        def liger(h, w, y):
+        def liger(h, w, y):  # a summed loss: no per-token log-probs to compare
             return -liger_fused_linear_cross_entropy(h, w, y, reduction="sum"), None
 
         impls["Liger fused linear CE (logprob only)"] = (liger, False)
@@ -115,8 +146,11 @@ def make_call(fn: Callable, hidden: torch.Tensor, weight: torch.Tensor, tokens: 
     h = hidden.detach().requires_grad_()
     w = weight.detach().requires_grad_()
 
-    def call():
+    def clear():
         h.grad = w.grad = None
+
+    def call():
+        clear()
         logprob, entropy = fn(h, w, tokens)
         loss = logprob.sum()
         if entropy is not None:
@@ -124,6 +158,7 @@ def make_call(fn: Callable, hidden: torch.Tensor, weight: torch.Tensor, tokens: 
         loss.backward()
         return logprob.detach()
 
+    call.clear = clear  # the gradients of the last call are freed before a memory reading
     return call
 
 
@@ -173,6 +208,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 try:
                     seconds = median_time(call, device, args.repeats, args.warmup)
                     logprob = call().float()
+                    call.clear()
                     if device.type == "cuda":
                         extra = peak_extra_cuda(call, device) - grads_bytes
                     elif args.memory:
@@ -189,6 +225,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                     continue
                 if reference is None:
                     reference = logprob
+                same_shape = logprob.shape == reference.shape
                 row = {
                     "impl": name,
                     "shape": shape,
@@ -200,7 +237,9 @@ def run(args: argparse.Namespace) -> list[dict]:
                     "ms": seconds * 1e3,
                     "peak_extra_mb": None if extra is None else extra / 2**20,
                     "logits_mb": logits_bytes / 2**20,
-                    "max_abs_diff_logprob": (logprob - reference).abs().max().item(),
+                    "max_abs_diff_logprob": (
+                        (logprob - reference).abs().max().item() if same_shape else None
+                    ),
                 }
                 results.append(row)
                 mem = "-" if extra is None else f"{extra / 2**20:.0f}"
@@ -239,9 +278,11 @@ def markdown(results: list[dict], info: dict[str, str], command: str) -> str:
             mem = frac = "-"
         else:
             mem, frac = f"{r['peak_extra_mb']:.0f}", f"{r['peak_extra_mb'] / r['logits_mb']:.3f}"
+        diff = r["max_abs_diff_logprob"]
+        diff = "-" if diff is None else f"{diff:.2e}"
         lines.append(
             f"| {r['impl']} | {r['shape']} ({r['H']}, {r['V']}) | {r['N']} | {r['dtype']} "
-            f"| {r['ms']:.1f} | {ratio} | {mem} | {frac} | {r['max_abs_diff_logprob']:.2e} |"
+            f"| {r['ms']:.1f} | {ratio} | {mem} | {frac} | {diff} |"
         )
     return "\n".join(lines) + "\n"
 

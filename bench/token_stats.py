@@ -119,7 +119,7 @@ def branching_score_call(x: torch.Tensor, y: torch.Tensor):
 
 # name -> (make(x, y) -> call, logits passes: bytes moved = passes * logits bytes)
 def implementations(device: torch.device) -> dict[str, tuple[Callable, int]]:
-    compiled = torch.compile(eager_token_stats, dynamic=False)
+    compiled = torch.compile(eager_token_stats)
     impls = {
         "appo_kernels.token_stats": (forward_only(ak.token_stats), 1),
         "appo_kernels.branching_score": (forward_only(branching_score_call), 1),

@@ -186,9 +186,11 @@ def test_empty_inputs(backend, shape):
 def test_launch_config():
     cpu = torch.device("cpu")
     bf16 = _launch_config(16384, 151936, torch.bfloat16, cpu)
-    assert (bf16.block_v, bf16.num_warps, bf16.num_splits) == (4096, 8, 1)  # 2 x 16 B per thread
+    assert (bf16.block_v, bf16.num_warps, bf16.num_splits) == (2048, 4, 1)  # 2 x 16 B per thread
     fp32 = _launch_config(64, 32000, torch.float32, cpu)
-    assert (fp32.block_v, fp32.num_warps) == (2048, 8)
+    assert (fp32.block_v, fp32.num_warps) == (1024, 4)
+    backward = _launch_config(64, 32000, torch.bfloat16, cpu, warps=8)
+    assert (backward.block_v, backward.num_warps) == (4096, 8)
     assert _launch_config(4, 50, torch.float16, cpu).block_v == 64  # capped by the row
     forced = _launch_config(2, 100, torch.float32, cpu, block_v=16, num_splits=3)
     assert forced.cols_per_split == 48 and forced.num_splits == 3  # 7 chunks -> 3 + 3 + 1
@@ -317,13 +319,17 @@ def test_bad_inputs(backend):
 # ----------------------------------------------------------------------- GPU compile (no GPU)
 
 MODULE = "appo_kernels.token_stats"
+DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+CPU = torch.device("cpu")
 ROW_ARGS = {"V": "i32", "T1": "i32", "stride_outer": "i64", "stride_inner": "i64"}
 ALIGNED = ("x_ptr", "V", "stride_outer", "stride_inner")
 
 
 def _cases(dtype, arch):
     """Every kernel, specialised like the JIT does for contiguous aligned rows."""
-    block_v = 4096 if dtype != "fp32" else 2048
+    # The default launch configurations (see _launch_config): two 16-byte loads per thread.
+    forward = _launch_config(16384, 151936, getattr(torch, DTYPE_NAMES[dtype]), CPU)
+    backward = _launch_config(16384, 151936, getattr(torch, DTYPE_NAMES[dtype]), CPU, warps=8)
     stats = {
         f"{n}_ptr": "*fp32"
         for n in ("logprob", "entropy", "row_max", "log_sum", "part_m", "part_s", "part_a")
@@ -360,18 +366,18 @@ def _cases(dtype, arch):
             MODULE,
             "_token_stats_fwd_kernel",
             fwd,
-            {"BLOCK_V": block_v, "SPLIT": False},
+            {"BLOCK_V": forward.block_v, "SPLIT": False},
             split_aligned,
-            num_warps=8,
+            num_warps=forward.num_warps,
             arch=arch,
         ),
         KernelCase(
             MODULE,
             "_token_stats_fwd_kernel",
             fwd,
-            {"BLOCK_V": block_v, "SPLIT": True},
+            {"BLOCK_V": forward.block_v, "SPLIT": True},
             split_aligned,
-            num_warps=8,
+            num_warps=forward.num_warps,
             arch=arch,
         ),
         KernelCase(
@@ -387,9 +393,9 @@ def _cases(dtype, arch):
             MODULE,
             "_token_stats_bwd_kernel",
             bwd,
-            {"HAS_GRAD_LOGPROB": True, "HAS_GRAD_ENTROPY": True, "BLOCK_V": block_v},
+            {"HAS_GRAD_LOGPROB": True, "HAS_GRAD_ENTROPY": True, "BLOCK_V": backward.block_v},
             (*split_aligned, "dx_ptr"),
-            num_warps=8,
+            num_warps=backward.num_warps,
             arch=arch,
         ),
     ]
