@@ -148,8 +148,9 @@ if HAS_TRITON:
         BLOCK_V chunks. It keeps the running maximum m as a scalar and the sums s, a as BLOCK_V-wide
         vectors (one lane per column slot), so each chunk costs one block reduction (its maximum)
         and the vectors are rescaled only in the rare chunks that raise m; the lanes are summed once
-        at the end. Without a split it writes the row's statistics; with one it writes the partial
-        (m, s, a) for the merge kernel."""
+        at the end. The next chunk is loaded before the current one is reduced, so a load is in
+        flight while the program waits on the reduction. Without a split it writes the row's
+        statistics; with one it writes the partial (m, s, a) for the merge kernel."""
         row = tl.program_id(0)
         split = tl.program_id(1)
         x_row = x_ptr + _row_offset(row, T1, stride_outer, stride_inner)
@@ -158,9 +159,12 @@ if HAS_TRITON:
         m = tl.full([], NEG_INF, tl.float32)
         s_lanes = tl.zeros([BLOCK_V], tl.float32)
         a_lanes = tl.zeros([BLOCK_V], tl.float32)
+        cols = col_begin + tl.arange(0, BLOCK_V)
+        x_next = tl.load(x_row + cols, mask=cols < V, other=NEG_INF)
         for start in range(col_begin, col_end, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            x = tl.load(x_row + cols, mask=cols < V, other=NEG_INF).to(tl.float32)
+            x = x_next.to(tl.float32)
+            cols = start + BLOCK_V + tl.arange(0, BLOCK_V)
+            x_next = tl.load(x_row + cols, mask=cols < V, other=NEG_INF)
             chunk_max = tl.max(x, axis=0)
             if chunk_max > m:
                 s_lanes, a_lanes = _rebase(m, s_lanes, a_lanes, chunk_max, inv_temp)
@@ -299,15 +303,16 @@ if HAS_TRITON:
 # Launchers
 # --------------------------------------------------------------------------------------------
 
-# Warps per program for long rows, measured on an H200 (bench/results): the forward pass, which
-# reduces each chunk across the program, runs fastest with 4 warps; the backward pass (no
-# reductions, read + write) with 8.
-FORWARD_WARPS = 4
-BACKWARD_WARPS = 8
-_VECTORS_PER_THREAD = 2  # 16-byte loads per thread and chunk
+# Per program: warps and 16-byte loads per thread for long rows, from an H200 sweep
+# (bench/results/token_stats_forward_sweep_nvidia_h200.md). The forward pass reduces each chunk
+# across the program and prefetches the next chunk into registers: small programs (2 warps, one
+# load per thread and chunk) are fastest. The backward pass (no reductions, read + write) runs at
+# ~95% of the copy bandwidth with 8 warps and two loads per thread.
+FORWARD = (2, 1)
+BACKWARD = (8, 2)
+_WARPS_PER_SM = 32  # below this many warps per SM (N rows of `warps` each), the vocabulary is split
 _MIN_BLOCKS_PER_SPLIT = 4  # a vocabulary split streams at least this many chunks
 _MAX_SPLITS = 128
-_PROGRAMS_PER_SM = 4  # below N = 4 * SMs rows, the vocabulary is split
 
 
 class _LaunchConfig(NamedTuple):
@@ -328,24 +333,25 @@ def _launch_config(
     device: torch.device,
     block_v: int = 0,
     num_splits: int = 0,
-    warps: int = FORWARD_WARPS,
+    shape: tuple[int, int] = FORWARD,
 ) -> _LaunchConfig:
     """Chunk size, warps and vocabulary splits for a [n_rows, vocab] launch (0 = choose).
 
-    A chunk gives each of ``warps`` warps' threads two 16-byte loads (with 4 warps: 2048
-    bf16/fp16 or 1024 fp32 columns), capped by the row length. Rows split into several programs
-    only on CUDA when there are fewer than 4 programs per SM and each split keeps >= 4 chunks;
-    off-GPU (the interpreter) the split count is 1 unless forced.
+    ``shape`` = (warps, 16-byte loads per thread): a chunk is ``warps * 32 * loads * 16 / itemsize``
+    columns (the forward's (2, 1): 512 bf16/fp16 or 256 fp32 columns), capped by the row length.
+    Rows split into several programs only on CUDA when fewer than 32 warps per SM would run and
+    each split keeps >= 4 chunks; off-GPU (the interpreter) the split count is 1 unless forced.
     """
+    warps, loads = shape
     if block_v == 0:
-        per_thread = _VECTORS_PER_THREAD * 16 // dtype.itemsize
-        block_v = min(triton.next_power_of_2(vocab), warps * 32 * per_thread)
-    num_warps = max(1, min(warps, block_v // (32 * 8)))
+        block_v = min(triton.next_power_of_2(vocab), warps * 32 * loads * 16 // dtype.itemsize)
+    num_warps = max(1, min(warps, block_v * dtype.itemsize // (32 * 16 * loads)))
     n_blocks = triton.cdiv(vocab, block_v)
     if num_splits == 0:
         num_splits = 1
         if device.type == "cuda":
-            wanted = triton.cdiv(_PROGRAMS_PER_SM * _sm_count(device), max(n_rows, 1))
+            programs = _WARPS_PER_SM // num_warps * _sm_count(device)
+            wanted = triton.cdiv(programs, max(n_rows, 1))
             num_splits = max(1, min(wanted, n_blocks // _MIN_BLOCKS_PER_SPLIT, _MAX_SPLITS))
     cols_per_split = triton.cdiv(n_blocks, min(num_splits, n_blocks)) * block_v
     return _LaunchConfig(block_v, num_warps, triton.cdiv(vocab, cols_per_split), cols_per_split)
@@ -388,7 +394,7 @@ def _triton_backward(rows, tokens, row_max, log_sum, entropy, grad_logprob, grad
                      temperature, ignore_index, block_v, num_splits, out):  # fmt: skip
     outer, inner, vocab = rows.shape
     cfg = _launch_config(
-        outer * inner, vocab, rows.dtype, rows.device, block_v, num_splits, BACKWARD_WARPS
+        outer * inner, vocab, rows.dtype, rows.device, block_v, num_splits, BACKWARD
     )
     T1, stride_outer, stride_inner = _kernel_rows(rows)
     with launch_device(rows):

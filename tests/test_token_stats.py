@@ -10,6 +10,7 @@ import torch
 from aot import ARCHS, KernelCase, compile_kernels
 
 from appo_kernels.token_stats import (
+    BACKWARD,
     TokenStats,
     _launch_config,
     _row_view,
@@ -186,11 +187,11 @@ def test_empty_inputs(backend, shape):
 def test_launch_config():
     cpu = torch.device("cpu")
     bf16 = _launch_config(16384, 151936, torch.bfloat16, cpu)
-    assert (bf16.block_v, bf16.num_warps, bf16.num_splits) == (2048, 4, 1)  # 2 x 16 B per thread
+    assert (bf16.block_v, bf16.num_warps, bf16.num_splits) == (512, 2, 1)  # 16 B per thread
     fp32 = _launch_config(64, 32000, torch.float32, cpu)
-    assert (fp32.block_v, fp32.num_warps) == (1024, 4)
-    backward = _launch_config(64, 32000, torch.bfloat16, cpu, warps=8)
-    assert (backward.block_v, backward.num_warps) == (4096, 8)
+    assert (fp32.block_v, fp32.num_warps) == (256, 2)
+    backward = _launch_config(64, 32000, torch.bfloat16, cpu, shape=BACKWARD)
+    assert (backward.block_v, backward.num_warps) == (4096, 8)  # 2 x 16 B per thread
     assert _launch_config(4, 50, torch.float16, cpu).block_v == 64  # capped by the row
     forced = _launch_config(2, 100, torch.float32, cpu, block_v=16, num_splits=3)
     assert forced.cols_per_split == 48 and forced.num_splits == 3  # 7 chunks -> 3 + 3 + 1
@@ -329,7 +330,9 @@ def _cases(dtype, arch):
     """Every kernel, specialised like the JIT does for contiguous aligned rows."""
     # The default launch configurations (see _launch_config): two 16-byte loads per thread.
     forward = _launch_config(16384, 151936, getattr(torch, DTYPE_NAMES[dtype]), CPU)
-    backward = _launch_config(16384, 151936, getattr(torch, DTYPE_NAMES[dtype]), CPU, warps=8)
+    backward = _launch_config(
+        16384, 151936, getattr(torch, DTYPE_NAMES[dtype]), CPU, shape=BACKWARD
+    )
     stats = {
         f"{n}_ptr": "*fp32"
         for n in ("logprob", "entropy", "row_max", "log_sum", "part_m", "part_s", "part_a")
