@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from appo_kernels._validation import (
+from appo_kernels.validation import (
     FLOAT_DTYPES,
     check_bool,
     check_float,

@@ -30,7 +30,8 @@ import math
 
 import torch
 
-from appo_kernels._validation import (
+from appo_kernels.discounted_future_sum import discounted_future_sum
+from appo_kernels.validation import (
     FLOAT_DTYPES,
     check_float,
     check_fraction,
@@ -41,7 +42,6 @@ from appo_kernels._validation import (
     check_same_device,
     check_shape,
 )
-from appo_kernels.discounted_future_sum import discounted_future_sum
 
 LOG_RATIO_BOUND = 20.0
 _REAL_DTYPES = FLOAT_DTYPES + (torch.float64,)

@@ -23,7 +23,14 @@ from typing import NamedTuple
 import torch
 
 from appo_kernels._backend import HAS_TRITON, launch_device, use_triton
-from appo_kernels._validation import (
+from appo_kernels.discounted_future_sum import (
+    block_size,
+    rows_last_dim_contiguous,
+    valid_mask,
+)
+from appo_kernels.future_value import check_log_ratio_inputs, future_value_torch
+from appo_kernels.token_stats import token_stats_forward
+from appo_kernels.validation import (
     check_float,
     check_fraction,
     check_gamma,
@@ -32,13 +39,6 @@ from appo_kernels._validation import (
     check_same_device,
     check_shape,
 )
-from appo_kernels.discounted_future_sum import (
-    block_size,
-    rows_last_dim_contiguous,
-    valid_mask,
-)
-from appo_kernels.future_value import check_log_ratio_inputs, future_value_torch
-from appo_kernels.token_stats import token_stats_forward
 
 STD_EPS = 1e-6  # added to the population std of a row
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from appo_kernels._backend import HAS_TRITON, launch_device, use_triton
-from appo_kernels._validation import (
+from appo_kernels.validation import (
     check_float,
     check_gamma,
     check_mask,

@@ -12,7 +12,13 @@ from __future__ import annotations
 import torch
 
 from appo_kernels._backend import HAS_TRITON, launch_device, use_triton
-from appo_kernels._validation import (
+from appo_kernels.discounted_future_sum import (
+    block_size,
+    reverse_discounted_sum_torch,
+    rows_last_dim_contiguous,
+    valid_mask,
+)
+from appo_kernels.validation import (
     check_float,
     check_fraction,
     check_gamma,
@@ -20,12 +26,6 @@ from appo_kernels._validation import (
     check_ndim,
     check_same_device,
     check_shape,
-)
-from appo_kernels.discounted_future_sum import (
-    block_size,
-    reverse_discounted_sum_torch,
-    rows_last_dim_contiguous,
-    valid_mask,
 )
 
 LOG_GAIN_LIMIT = 20.0  # |G| is clamped to this before exp

@@ -25,7 +25,8 @@ from typing import NamedTuple
 import torch
 
 from appo_kernels._backend import HAS_TRITON, launch_device, use_triton
-from appo_kernels._validation import (
+from appo_kernels.discounted_future_sum import block_size, rows_last_dim_contiguous
+from appo_kernels.validation import (
     capturing_cuda_graph,
     check_bool,
     check_count,
@@ -36,7 +37,6 @@ from appo_kernels._validation import (
     check_shape,
     min_max,
 )
-from appo_kernels.discounted_future_sum import block_size, rows_last_dim_contiguous
 
 INDEX_BITS = 30
 INDEX_MASK = (1 << INDEX_BITS) - 1  # also the largest flat index b * T + t
