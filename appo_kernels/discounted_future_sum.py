@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from appo_kernels._backend import HAS_TRITON, launch_device, use_triton
+from appo_kernels._backend import HAS_TRITON, use_triton
+from appo_kernels._rows import launch_row_kernel, torch_reverse_scan, valid_mask
 from appo_kernels.validation import (
     check_float,
     check_gamma,
@@ -24,119 +25,47 @@ from appo_kernels.validation import (
     check_shape,
 )
 
-MAX_BLOCK = 1024  # positions per scan block; longer rows loop over blocks from the end
-
-
-if HAS_TRITON:  # the Triton kernels (CUDA tensors, or CPU through the interpreter)
+if HAS_TRITON:  # the Triton kernel (CUDA tensors, or CPU through the interpreter)
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def _affine_combine(decay_later, sum_later, decay_here, value_here):
-        """Composes two steps of ``G <- value + decay * G`` (the later segment is applied first)."""
-        return decay_later * decay_here, sum_later * decay_here + value_here
-
-    @triton.jit
-    def reverse_discounted_block(values, gamma, carry):
-        """Reverse discounted scan of one block given ``carry`` = G at the first position after it.
-
-        Scanning the pairs (gamma, v_t) from the end with ``_affine_combine`` gives, per position,
-        ``local_t = sum_{k >= t in block} gamma^(k-t) v_k`` and ``decay_t = gamma^(end - t)``, so
-        ``G_t = local_t + decay_t * carry``. Returns (G, G at the block's first position).
-        """
-        decay = tl.full(values.shape, gamma, tl.float32)
-        decay_to_end, local = tl.associative_scan((decay, values), 0, _affine_combine, reverse=True)
-        discounted = local + decay_to_end * carry
-        first = tl.arange(0, values.shape[0]) == 0
-        return discounted, tl.sum(tl.where(first, discounted, 0.0), axis=0)
+    from appo_kernels._rows import reverse_scan_row
 
     @triton.jit
     def _discounted_future_sum_kernel(
-        values_ptr,
-        mask_ptr,
-        out_ptr,
+        values_ptr,  # [B, T] float16/bfloat16/float32, row stride stride_values
+        mask_ptr,  # [B, T] bool, nonzero = valid, row stride stride_mask
+        out_ptr,  # [B, T] float32 G, row stride stride_out
         T,
         stride_values,
         stride_mask,
         stride_out,
-        gamma,
-        BLOCK: tl.constexpr,
+        gamma,  # float32 discount in (0, 1]
+        BLOCK: tl.constexpr,  # positions per scan block
     ):
-        """One program per row: blocks from the end of the row, carrying G between blocks."""
+        """One program per row: G of the row by ``reverse_scan_row``."""
         row = tl.program_id(0).to(tl.int64)
-        values_ptr += row * stride_values
-        mask_ptr += row * stride_mask
-        out_ptr += row * stride_out
-        num_blocks = tl.cdiv(T, BLOCK)
-        carry = tl.zeros((), tl.float32)
-        for i in range(num_blocks):
-            offs = (num_blocks - 1 - i) * BLOCK + tl.arange(0, BLOCK)
-            in_row = offs < T
-            valid = tl.load(mask_ptr + offs, mask=in_row, other=0) != 0
-            value = tl.load(values_ptr + offs, mask=in_row, other=0).to(tl.float32)
-            discounted, carry = reverse_discounted_block(tl.where(valid, value, 0.0), gamma, carry)
-            tl.store(out_ptr + offs, discounted, mask=in_row)
-
-
-def block_size(T: int) -> int:
-    """Scan block for rows of length T: the whole row when short, else ``MAX_BLOCK``."""
-    return min(max(triton.next_power_of_2(T), 16), MAX_BLOCK)
-
-
-def reverse_discounted_sum_torch(values: torch.Tensor, gamma: float) -> torch.Tensor:
-    """PyTorch path of the scan on already-masked float32 [B, T] values.
-
-    Log-depth doubling: after the step with shift s, G_t holds the discounted sum of
-    v_t .. v_{t+2s-1}. Each step only adds later positions into earlier ones, so a NaN moves
-    towards the start of its row exactly as in the sequential recurrence.
-    """
-    out = values.clone()
-    T = values.shape[-1]
-    shift = 1
-    while shift < T:
-        decay = gamma**shift
-        if decay == 0.0:  # every further term underflows to zero
-            break
-        out[..., : T - shift] = out[..., : T - shift] + decay * out[..., shift:]
-        shift *= 2
-    return out
-
-
-def rows_last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    """The kernels index [B, T] tensors as ``row * stride(0) + t``: last dim must be unit-stride."""
-    return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
-
-
-def valid_mask(mask: torch.Tensor) -> torch.Tensor:
-    """A {0, 1} mask of any dtype as bool (nonzero = valid)."""
-    return mask if mask.dtype == torch.bool else mask != 0
+        reverse_scan_row(
+            values_ptr + row * stride_values,
+            values_ptr,  # no behaviour log-probs
+            mask_ptr + row * stride_mask,
+            out_ptr + row * stride_out,
+            T,
+            gamma,
+            0.0,
+            False,
+            BLOCK,
+        )
 
 
 @torch.library.custom_op("appo_kernels::discounted_future_sum", mutates_args=())
 def _discounted_future_sum_op(
     values: torch.Tensor, mask: torch.Tensor, gamma: float
 ) -> torch.Tensor:
-    B, T = values.shape
-    if not use_triton(values.device):
-        masked = torch.where(mask, values.float(), 0.0)
-        return reverse_discounted_sum_torch(masked, gamma)
-    out = torch.empty((B, T), dtype=torch.float32, device=values.device)
-    if B == 0 or T == 0:
+    if use_triton(values.device):
+        (out,) = launch_row_kernel(_discounted_future_sum_kernel, (values, mask), 1, gamma)
         return out
-    values, mask = rows_last_dim_contiguous(values), rows_last_dim_contiguous(mask)
-    with launch_device(out):
-        _discounted_future_sum_kernel[(B,)](
-            values,
-            mask,
-            out,
-            T,
-            values.stride(0),
-            mask.stride(0),
-            out.stride(0),
-            gamma,
-            BLOCK=block_size(T),
-        )
-    return out
+    return torch_reverse_scan(values, mask, gamma)
 
 
 @_discounted_future_sum_op.register_fake

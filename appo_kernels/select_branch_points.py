@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 
 from appo_kernels._backend import HAS_TRITON, launch_device, use_triton
-from appo_kernels.discounted_future_sum import block_size, rows_last_dim_contiguous
+from appo_kernels._rows import block_size, rows_last_dim_contiguous
 from appo_kernels.validation import (
     capturing_cuda_graph,
     check_bool,

@@ -12,12 +12,12 @@ from scan_score_reference import (
     random_mask,
 )
 
+from appo_kernels._rows import MAX_BLOCK
 from appo_kernels.branching_score import (
     BranchingScore,
     branching_score,
     branching_score_from_stats,
 )
-from appo_kernels.discounted_future_sum import MAX_BLOCK
 from appo_kernels.token_stats import token_stats_forward
 
 FIELDS = ("score", "future_value", "z_entropy", "z_future")

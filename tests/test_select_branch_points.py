@@ -6,7 +6,7 @@ import pytest
 import torch
 from scan_score_reference import assert_compiles_without_spills, assert_rejects, select_ref
 
-from appo_kernels.discounted_future_sum import MAX_BLOCK
+from appo_kernels._rows import MAX_BLOCK
 from appo_kernels.select_branch_points import BranchPoints, select_branch_points
 
 
