@@ -1,16 +1,17 @@
-"""Branching Score of every token (SPEC section 2.3): uncertainty times continuation gain.
+"""Branching Score of every token: uncertainty times continuation gain (APPO's branching rule).
 
-Per row, over its valid positions (mask nonzero):
+Per row, over its valid positions (mask nonzero)::
 
     z(v)_t = (v_t - mean(v)) / (std(v) + 1e-6)      population std; z = 0 at invalid positions
     BS_t   = z(H)_t * z(Omega)_t                     at valid positions, -inf elsewhere
 
-with H the token entropy and Omega the future value (``appo_kernels.future_value``). The mean and
-variance are corrected two-pass: a first mean m0, then sums of d = v - m0 and d^2 give
+with H the token entropy and Omega the future value (``appo_kernels.future_value``): a token
+scores high where the policy is uncertain and the continuation it led to has become more likely.
+The mean and variance are corrected two-pass: a first mean m0, then sums of d = v - m0 and d^2 give
 mean = m0 + sum(d)/n and var = sum(d^2)/n - (sum(d)/n)^2. That stays accurate when the spread is
 small next to the mean, and a constant row gets exactly z = 0 (e.g. every Omega clipped). A row
 with one valid position has std 0, so z = 0 and BS = 0 there; a row with none is all -inf. NaN at
-a valid position makes that row's scores NaN.
+a valid position makes that row's scores NaN. docs/design.md, "Branching Score", has the sources.
 
 ``branching_score`` = ``token_stats_forward`` on the logits + one row kernel for the rest (two
 launches on the Triton path).
@@ -46,7 +47,11 @@ class BranchingScore(NamedTuple):
     z_future: torch.Tensor  # z(Omega), 0 at invalid positions
 
 
-if HAS_TRITON:  # the Triton kernel (CUDA tensors, or CPU through the interpreter)
+# --------------------------------------------------------------------------------------------
+# Triton kernel
+# --------------------------------------------------------------------------------------------
+
+if HAS_TRITON:  # CUDA tensors, or CPU tensors through Triton's interpreter
     import triton
     import triton.language as tl
 
@@ -171,14 +176,38 @@ if HAS_TRITON:  # the Triton kernel (CUDA tensors, or CPU through the interprete
             tl.store(score_ptr + offs, score, mask=offs < T)
 
 
-def _row_z_score(values: torch.Tensor, mask: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """PyTorch path of z(v): corrected two-pass moments over each row's valid positions."""
+# --------------------------------------------------------------------------------------------
+# Launcher and PyTorch path
+# --------------------------------------------------------------------------------------------
+
+
+def _triton_branching_score(entropy, logprob, behavior_logprob, mask, gamma, clip):
+    inputs = (entropy, logprob, behavior_logprob, mask)
+    return launch_row_kernel(_branching_score_kernel, inputs, 4, gamma, clip)
+
+
+def _torch_z_score(values: torch.Tensor, mask: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """z(v) over each row's valid positions, by the same corrected two-pass moments."""
     rough_mean = torch.where(mask, values, 0.0).sum(dim=-1, keepdim=True) / count
     deviation = torch.where(mask, values - rough_mean, 0.0)
     correction = deviation.sum(dim=-1, keepdim=True) / count
     variance = deviation.square().sum(dim=-1, keepdim=True) / count - correction.square()
     scale = variance.clamp(min=0).sqrt() + STD_EPS
     return torch.where(mask, (values - (rough_mean + correction)) / scale, 0.0)
+
+
+def _torch_branching_score(entropy, logprob, behavior_logprob, mask, gamma, clip):
+    omega = torch_reverse_scan(logprob, mask, gamma, behavior_logprob, clip)
+    count = mask.sum(dim=-1, keepdim=True).clamp(min=1)
+    z_entropy = _torch_z_score(entropy.float(), mask, count)
+    z_omega = _torch_z_score(omega, mask, count)
+    score = torch.where(mask, z_entropy * z_omega, float("-inf"))
+    return score, omega, z_entropy, z_omega
+
+
+# --------------------------------------------------------------------------------------------
+# Custom op and public functions
+# --------------------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("appo_kernels::branching_score_from_stats", mutates_args=())
@@ -190,16 +219,11 @@ def _branching_score_op(
     gamma: float,
     clip: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (score, future_value, z_entropy, z_future)."""
+    """[B, T] float statistics and bool mask, checked by the public functions. Returns
+    (score, future_value, z_entropy, z_future)."""
     if use_triton(entropy.device):
-        inputs = (entropy, logprob, behavior_logprob, mask)
-        return launch_row_kernel(_branching_score_kernel, inputs, 4, gamma, clip)
-    omega = torch_reverse_scan(logprob, mask, gamma, behavior_logprob, clip)
-    count = mask.sum(dim=-1, keepdim=True).clamp(min=1)
-    z_entropy = _row_z_score(entropy.float(), mask, count)
-    z_omega = _row_z_score(omega, mask, count)
-    score = torch.where(mask, z_entropy * z_omega, float("-inf"))
-    return score, omega, z_entropy, z_omega
+        return _triton_branching_score(entropy, logprob, behavior_logprob, mask, gamma, clip)
+    return _torch_branching_score(entropy, logprob, behavior_logprob, mask, gamma, clip)
 
 
 @_branching_score_op.register_fake
@@ -216,19 +240,50 @@ def branching_score_from_stats(
     gamma: float = 1.0,
     clip: float = 0.2,
 ) -> BranchingScore:
-    """Branching Score from per-token statistics already at hand (e.g. ``token_stats``).
+    """Branching Score from per-token statistics already at hand (e.g. from ``token_stats``).
 
-    Args:
-        entropy: [B, T] float, entropy of the current policy at each position.
-        logprob: [B, T] float, log-prob of the sampled token under the current policy.
-        behavior_logprob: [B, T] float, its log-prob under the policy that sampled the rollout.
-        mask: [B, T] bool/integer/floating; nonzero marks a valid (response) position.
-        gamma, clip: discount in (0, 1] and clip epsilon in [0, 1) of the future value.
+    Parameters
+    ----------
+    entropy : torch.Tensor
+        ``[B, T]`` float16, bfloat16 or float32 entropy H of the current policy at each
+        position. Any row stride.
+    logprob : torch.Tensor
+        ``[B, T]`` float log-prob of the sampled token under the current policy.
+    behavior_logprob : torch.Tensor
+        ``[B, T]`` float log-prob of the same token under the policy that sampled the rollout.
+    mask : torch.Tensor
+        ``[B, T]`` bool, integer or floating; nonzero marks a valid (response) position.
+    gamma : float
+        Discount in ``(0, 1]`` of the future value.
+    clip : float
+        Clip epsilon in ``[0, 1)`` of the future value.
 
-    Returns:
-        ``BranchingScore`` of float32 [B, T] tensors; ``entropy`` and ``logprob`` are the inputs
-        as float32. Not differentiable: scores rank positions, they are computed from detached
-        inputs.
+    Returns
+    -------
+    BranchingScore
+        ``(score, entropy, logprob, future_value, z_entropy, z_future)``, each ``[B, T]``
+        float32: ``score = z(H) z(Omega)`` at valid positions and ``-inf`` elsewhere; ``entropy``
+        and ``logprob`` are the inputs as float32; ``z_*`` are 0 at invalid positions.
+
+    Notes
+    -----
+    Not differentiable: scores rank positions, they are computed from detached inputs. z-scores
+    are per row (population std + 1e-6); a row with fewer than two valid positions scores 0 at
+    its valid position (if any). A NaN at a valid position makes its row's scores NaN; the
+    other rows are untouched. All tensors on one device.
+
+    Example
+    -------
+    >>> import torch
+    >>> import appo_kernels as ak
+    >>> entropy = torch.tensor([[0.5, 2.0, 1.0, 0.1]])
+    >>> logprob = torch.tensor([[-0.1, -1.0, -0.2, -0.3]])
+    >>> behavior = torch.tensor([[-0.1, -1.2, -0.2, -0.3]])
+    >>> out = ak.branching_score_from_stats(entropy, logprob, behavior, torch.ones(1, 4))
+    >>> out.future_value
+    tensor([[1.2000, 1.2000, 1.0000, 1.0000]])
+    >>> out.score
+    tensor([[-0.5629,  1.5479, -0.1407,  1.1257]])
     """
     gamma, clip = check_log_ratio_inputs(
         "logprob", logprob, "[B, T]", behavior_logprob, mask, gamma, clip
@@ -258,14 +313,51 @@ def branching_score(
     ``token_stats_forward`` (one streaming pass over the vocabulary), then the per-row score
     kernel.
 
-    Args:
-        logits: [B, T, V] float16/bfloat16/float32 (last dim contiguous), logits that produced
-            position t's token ``tokens[:, t]``.
-        tokens: [B, T] integer sampled tokens; ``ignore_index`` (logprob 0) is allowed, e.g. at
-            padding.
-        behavior_logprob, mask, gamma, clip: as in ``branching_score_from_stats``.
-        temperature: sampling temperature > 0 applied to the logits.
-        ignore_index: token id that marks positions without a token (logprob 0 there).
+    Parameters
+    ----------
+    logits : torch.Tensor
+        ``[B, T, V]`` float16, bfloat16 or float32 logits; ``logits[:, t]`` produced the token
+        ``tokens[:, t]``. The last dimension must be contiguous for a copy-free read (a shifted
+        view such as ``logits[:, :-1]`` is read in place).
+    tokens : torch.Tensor
+        ``[B, T]`` integer sampled tokens in ``[0, V)``, or ``ignore_index`` (logprob 0 there,
+        e.g. at padding).
+    behavior_logprob : torch.Tensor
+        ``[B, T]`` float log-probs of ``tokens`` under the policy that sampled them.
+    mask : torch.Tensor
+        ``[B, T]`` bool, integer or floating; nonzero marks a valid (response) position.
+    temperature : float
+        Sampling temperature ``> 0``: statistics of ``softmax(logits / temperature)``.
+    gamma : float
+        Discount in ``(0, 1]`` of the future value.
+    clip : float
+        Clip epsilon in ``[0, 1)`` of the future value.
+    ignore_index : int
+        Token id that marks positions without a token.
+
+    Returns
+    -------
+    BranchingScore
+        As :func:`branching_score_from_stats`, with ``entropy`` and ``logprob`` computed from
+        ``logits``.
+
+    Notes
+    -----
+    Same as :func:`branching_score_from_stats`; nothing is recorded for autograd. Token ids
+    outside ``[0, V)`` other than ``ignore_index`` raise ``ValueError``.
+
+    Example
+    -------
+    >>> import torch
+    >>> import appo_kernels as ak
+    >>> logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 0.0, 0.0], [5.0, 0.0, 0.0]]])
+    >>> tokens = torch.tensor([[0, 1, 0]])
+    >>> behavior = torch.tensor([[-0.3, -1.0, -0.1]])
+    >>> out = ak.branching_score(logits, tokens, behavior, torch.ones(1, 3))
+    >>> out.entropy
+    tensor([[0.6656, 1.0986, 0.0799]])
+    >>> out.score
+    tensor([[ 0.0200, -1.5054, -1.4531]])
     """
     check_log_ratio_inputs("logits", logits, "[B, T, V]", behavior_logprob, mask, gamma, clip)
     # token_stats_forward checks tokens and temperature; it records nothing for autograd.

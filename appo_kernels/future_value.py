@@ -1,10 +1,15 @@
-"""Future value of each token (SPEC section 2.3): the clipped likelihood gain of its continuation.
+"""Future value of each token: the clipped likelihood gain of the continuation that follows it.
+
+With ``w`` the mask (1 = valid), ``gamma`` in (0, 1] and ``clip`` = epsilon in [0, 1)::
 
     l_t     = logprob_t - behavior_logprob_t                       (valid positions; 0 elsewhere)
     G_t     = sum_{k>=t} gamma^(k-t) w_k l_k                       (discounted_future_sum of l)
     Omega_t = clip(exp(clamp(G_t, -20, 20)), 1 - clip, 1 + clip)
 
-NaN propagates: a NaN log-ratio at a valid position k makes Omega_t NaN for t <= k of its row.
+``l`` is the log-ratio between the current policy and the one that sampled the rollout, so
+``exp(G_t)`` is how much more likely the current policy makes the continuation after t (APPO,
+arXiv 2606.12384; docs/design.md, "Future value"). NaN propagates: a NaN log-ratio at a valid
+position k makes Omega_t NaN for t <= k of its row. The scan is ``appo_kernels._rows``'.
 """
 
 from __future__ import annotations
@@ -19,7 +24,11 @@ from appo_kernels._rows import (
     valid_mask,
 )
 
-if HAS_TRITON:  # the Triton kernel (CUDA tensors, or CPU through the interpreter)
+# --------------------------------------------------------------------------------------------
+# Triton kernel
+# --------------------------------------------------------------------------------------------
+
+if HAS_TRITON:  # CUDA tensors, or CPU tensors through Triton's interpreter
     import triton
     import triton.language as tl
 
@@ -29,16 +38,16 @@ if HAS_TRITON:  # the Triton kernel (CUDA tensors, or CPU through the interprete
     def _future_value_kernel(
         logprob_ptr,  # [B, T] float16/bfloat16/float32, row stride stride_logprob
         behavior_ptr,  # [B, T] float16/bfloat16/float32, row stride stride_behavior
-        mask_ptr,  # [B, T] bool, nonzero = valid, row stride stride_mask
+        mask_ptr,  # [B, T] bool w, row stride stride_mask
         out_ptr,  # [B, T] float32 Omega, row stride stride_out
-        T,
+        T,  # positions per row
         stride_logprob,
         stride_behavior,
         stride_mask,
         stride_out,
         gamma,  # float32 discount in (0, 1]
         clip,  # float32 clip epsilon in [0, 1)
-        BLOCK: tl.constexpr,  # positions per scan block
+        BLOCK: tl.constexpr,  # positions per scan block, a power of two
     ):
         """One program per row: Omega of the row by ``reverse_scan_row``."""
         row = tl.program_id(0).to(tl.int64)
@@ -50,9 +59,29 @@ if HAS_TRITON:  # the Triton kernel (CUDA tensors, or CPU through the interprete
             T,
             gamma,
             clip,
-            True,
+            True,  # Omega of the log-ratios
             BLOCK,
         )
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher and PyTorch path
+# --------------------------------------------------------------------------------------------
+
+
+def _triton_future_value(logprob, behavior_logprob, mask, gamma, clip):
+    inputs = (logprob, behavior_logprob, mask)
+    (out,) = launch_row_kernel(_future_value_kernel, inputs, 1, gamma, clip)
+    return out
+
+
+def _torch_future_value(logprob, behavior_logprob, mask, gamma, clip):
+    return torch_reverse_scan(logprob, mask, gamma, behavior_logprob, clip)
+
+
+# --------------------------------------------------------------------------------------------
+# Custom op and public function
+# --------------------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("appo_kernels::future_value", mutates_args=())
@@ -63,11 +92,10 @@ def _future_value_op(
     gamma: float,
     clip: float,
 ) -> torch.Tensor:
+    """[B, T] float log-probs and bool mask, checked by the public function."""
     if use_triton(logprob.device):
-        inputs = (logprob, behavior_logprob, mask)
-        (out,) = launch_row_kernel(_future_value_kernel, inputs, 1, gamma, clip)
-        return out
-    return torch_reverse_scan(logprob, mask, gamma, behavior_logprob, clip)
+        return _triton_future_value(logprob, behavior_logprob, mask, gamma, clip)
+    return _torch_future_value(logprob, behavior_logprob, mask, gamma, clip)
 
 
 @_future_value_op.register_fake
@@ -83,18 +111,43 @@ def future_value(
     gamma: float = 1.0,
     clip: float = 0.2,
 ) -> torch.Tensor:
-    """Clipped future likelihood gain ``Omega`` of every token (SPEC section 2.3).
+    """Clipped future likelihood gain ``Omega`` of every token.
 
-    Args:
-        logprob: [B, T] float, log-probs of the sampled tokens under the current policy.
-        behavior_logprob: [B, T] float, log-probs recorded by the policy that sampled them.
-        mask: [B, T] bool/integer/floating; nonzero marks a valid (response) position.
-        gamma: discount in (0, 1] over raw positions.
-        clip: epsilon in [0, 1); Omega lies in [1 - clip, 1 + clip].
+    Parameters
+    ----------
+    logprob : torch.Tensor
+        ``[B, T]`` float16, bfloat16 or float32 log-probs of the sampled tokens under the current
+        policy (e.g. ``token_stats(...).logprob``). Any row stride.
+    behavior_logprob : torch.Tensor
+        ``[B, T]`` float log-probs of the same tokens under the policy that sampled them (e.g.
+        recorded by the inference engine).
+    mask : torch.Tensor
+        ``[B, T]`` bool, integer or floating; nonzero marks a valid (response) position.
+    gamma : float
+        Discount in ``(0, 1]`` over raw positions.
+    clip : float
+        Epsilon in ``[0, 1)``; Omega lies in ``[1 - clip, 1 + clip]``.
 
-    Returns:
-        [B, T] float32 Omega (defined at every position). Not differentiable: a weight computed
-        from detached inputs.
+    Returns
+    -------
+    torch.Tensor
+        ``[B, T]`` float32 Omega, defined at every position (1 where no valid position follows
+        with a nonzero log-ratio, up to the clip).
+
+    Notes
+    -----
+    Not differentiable: Omega is a weight, computed from detached inputs. ``G`` is clamped to
+    ``[-20, 20]`` before ``exp``, so Omega is finite for any finite input; a ``-inf`` log-ratio
+    gives ``1 - clip`` at and before it, a NaN gives NaN there. All tensors on one device.
+
+    Example
+    -------
+    >>> import torch
+    >>> import appo_kernels as ak
+    >>> logprob = torch.tensor([[-1.0, -0.5, -2.0]])
+    >>> behavior = torch.tensor([[-1.1, -0.5, -1.9]])
+    >>> ak.future_value(logprob, behavior, torch.ones(1, 3), clip=0.2)
+    tensor([[1.0000, 0.9048, 0.9048]])
     """
     gamma, clip = check_log_ratio_inputs(
         "logprob", logprob, "[B, T]", behavior_logprob, mask, gamma, clip
