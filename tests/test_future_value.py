@@ -1,16 +1,11 @@
-"""future_value against a float64 loop, on both backends (SPEC section 2.3)."""
+"""future_value against a float64 loop, on both backends."""
 
 import math
 
 import pytest
 import torch
-from scan_score_reference import (
-    assert_close_to_ref,
-    assert_compiles_without_spills,
-    assert_rejects,
-    future_value_ref,
-    random_mask,
-)
+from reference import future_value_ref
+from utils import assert_close_to_ref, assert_compiles_without_spills, assert_rejects, random_mask
 
 from appo_kernels._rows import MAX_BLOCK
 from appo_kernels.future_value import future_value

@@ -1,10 +1,11 @@
-"""select_branch_points against a brute-force sort, on both backends (SPEC section 2.4)."""
+"""select_branch_points against a brute-force sort, on both backends."""
 
 import math
 
 import pytest
 import torch
-from scan_score_reference import assert_compiles_without_spills, assert_rejects, select_ref
+from reference import select_ref
+from utils import assert_compiles_without_spills, assert_rejects
 
 from appo_kernels._rows import MAX_BLOCK
 from appo_kernels.select_branch_points import BranchPoints, select_branch_points
