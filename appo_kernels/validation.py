@@ -1,4 +1,4 @@
-"""Argument checks shared by every public op (SPEC section 4).
+"""Argument checks shared by every public op (docs/design.md, section 10).
 
 Each helper raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong shape,
 device or value) with a message naming the argument, what was expected and what was given.
