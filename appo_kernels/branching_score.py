@@ -31,7 +31,7 @@ from appo_kernels._rows import (
     valid_mask,
 )
 from appo_kernels.token_stats import token_stats_forward
-from appo_kernels.validation import check_float, check_same_device, check_shape
+from appo_kernels.validation import check_float, check_int64, check_same_device, check_shape
 
 STD_EPS = 1e-6  # added to the population std of a row
 
@@ -360,6 +360,7 @@ def branching_score(
     tensor([[ 0.0200, -1.5054, -1.4531]])
     """
     check_log_ratio_inputs("logits", logits, "[B, T, V]", behavior_logprob, mask, gamma, clip)
+    check_int64("ignore_index", ignore_index)
     # token_stats_forward checks tokens and temperature; it records nothing for autograd.
     stats = token_stats_forward(logits, tokens, temperature=temperature, ignore_index=ignore_index)
     return branching_score_from_stats(

@@ -38,11 +38,13 @@ from appo_kernels.validation import (
     check_same_device,
     check_shape,
     min_max,
+    shown,
 )
 
 INDEX_BITS = 30
 INDEX_MASK = (1 << INDEX_BITS) - 1  # also the largest flat index b * T + t
 TIER_BIT = 1 << 62
+MIN_SLOT_LIMIT = 1 << 16  # output slots (num_groups * budget) allowed whatever the batch size
 
 
 class BranchPoints(NamedTuple):
@@ -217,6 +219,19 @@ def _torch_select_branch_points(score, candidates, preferred, group_ids, num_gro
     )
 
 
+def _check_output_size(num_groups: int, budget: int, B: int, T: int) -> None:
+    """The outputs hold ``num_groups * budget`` slots: at most ``max(B * T, MIN_SLOT_LIMIT)``,
+    since more slots than positions could only repeat picks. A stray budget cannot allocate an
+    absurd output (nor overflow the op's int64 arguments)."""
+    limit, groups = max(B * T, MIN_SLOT_LIMIT), max(num_groups, 1)
+    if groups * budget > limit:
+        raise ValueError(
+            f"budget must be <= {limit // groups} for {groups} group(s): the outputs hold "
+            f"num_groups * budget slots, at most max(B * T, {MIN_SLOT_LIMIT}) = {limit} (more "
+            f"slots than positions could only repeat picks), got {shown(budget)}"
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # Custom op and public function
 # --------------------------------------------------------------------------------------------
@@ -239,7 +254,13 @@ def _select_branch_points_op(
     if B > 0 and not (num_groups >= 0 and capturing_cuda_graph(group_ids)):
         low, high = min_max(group_ids)
         if num_groups < 0:
+            if high >= B:
+                raise ValueError(
+                    f"group_ids must lie in [0, B={B}) (a prompt group is a set of rows of "
+                    f"score) when num_groups is not given, got values up to {high}"
+                )
             num_groups = high + 1
+            _check_output_size(num_groups, budget, B, T)
         if low < 0 or high >= num_groups:
             raise ValueError(
                 f"group_ids must lie in [0, num_groups={num_groups}), got values in [{low}, {high}]"
@@ -305,8 +326,10 @@ def select_branch_points(
     Notes
     -----
     Deterministic: ties break by (row, position) ascending. A group with fewer candidates than
-    ``budget`` repeats its picks in rank order. ``B * T`` must not exceed ``2^30``. All tensors
-    on one device.
+    ``budget`` repeats its picks in rank order. Bounds that keep a stray value from allocating
+    absurd outputs: ``B * T <= 2^30``, ``num_groups <= B`` (a prompt group is a set of rows; so
+    are the group ids when ``num_groups`` is left out), and ``num_groups * budget <= max(B * T,
+    65536)`` output slots. All tensors on one device.
 
     Example
     -------
@@ -330,10 +353,20 @@ def select_branch_points(
     check_same_device(
         {"score": score, "candidates": candidates, "preferred": preferred, "group_ids": group_ids}
     )
+    B, T = score.shape
+    if B * T > INDEX_MASK + 1:
+        raise ValueError(f"score must have at most 2^30 positions, got {B * T}")
     budget = check_count("budget", budget, minimum=1)
-    num_groups = -1 if num_groups is None else check_count("num_groups", num_groups)
-    if score.numel() > INDEX_MASK + 1:
-        raise ValueError(f"score must have at most 2^30 positions, got {score.numel()}")
+    if num_groups is None:
+        if score.device.type == "meta":
+            raise ValueError("num_groups must be given for meta tensors (group_ids hold no values)")
+        num_groups = -1  # the op reads group_ids.max() + 1
+    elif check_count("num_groups", num_groups) > B:
+        raise ValueError(
+            f"num_groups must be <= B={B}, the number of rows of score (a prompt group is a set "
+            f"of rows), got {shown(num_groups)}"
+        )
+    _check_output_size(num_groups, budget, B, T)
     rows, positions, scores = _select_branch_points_op(
         score.detach(), candidates, preferred, group_ids, num_groups, budget
     )
