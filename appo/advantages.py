@@ -1,4 +1,4 @@
-"""Procedure-level advantages (SPEC section 2.5).
+"""Procedure-level advantages (docs/design.md, section 8).
 
 Rollouts of one prompt form a group with two kinds: initial rollouts, and branch rollouts that
 re-sampled an initial rollout from a token position ``split`` on (they share its prefix
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from appo_kernels._validation import (
+from appo_kernels.validation import (
     FLOAT_DTYPES,
     check_bool,
     check_float,

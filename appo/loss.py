@@ -1,5 +1,5 @@
-"""APPO's policy loss: future-likelihood advantage scaling (SPEC section 2.6) and dual-clip PPO
-with clip-higher (section 2.7).
+"""APPO's policy loss: future-likelihood advantage scaling and dual-clip PPO with clip-higher
+(docs/design.md, section 9).
 
 Future-likelihood scaling, per token ``t`` of a row (``w`` = response mask)::
 
@@ -30,7 +30,8 @@ import math
 
 import torch
 
-from appo_kernels._validation import (
+from appo_kernels.discounted_future_sum import discounted_future_sum
+from appo_kernels.validation import (
     FLOAT_DTYPES,
     check_float,
     check_fraction,
@@ -41,7 +42,6 @@ from appo_kernels._validation import (
     check_same_device,
     check_shape,
 )
-from appo_kernels.discounted_future_sum import discounted_future_sum
 
 LOG_RATIO_BOUND = 20.0
 _REAL_DTYPES = FLOAT_DTYPES + (torch.float64,)
@@ -83,7 +83,7 @@ def future_likelihood_scale(
     neg_ratio_cap: float = 6.0,
     bonus: float = 1.0,
 ) -> torch.Tensor:
-    """Scaled advantages ``Ã = A · (1 + bonus · f)`` ``[B, T]`` (module docstring, SPEC 2.6).
+    """Scaled advantages ``Ã = A · (1 + bonus · f)`` ``[B, T]`` (module docstring).
 
     ``logprob`` is detached here: the scale is a weight, not a path for gradients. Zero outside
     ``mask``. Computed in float32 (float64 inputs keep float64 outside the scan).
@@ -123,7 +123,7 @@ def policy_loss(
     entropy_coef: float = 0.0,
     num_tokens: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Dual-clip PPO loss with clip-higher, token-mean over the mask (module docstring, SPEC 2.7).
+    """Dual-clip PPO loss with clip-higher, token-mean over the mask (module docstring).
 
     Args:
         logprob: ``[B, T]`` log-probs of the taken tokens under the current policy (differentiable).

@@ -1,5 +1,6 @@
-"""The APPO training loop (SPEC section 2), the GRPO and entropy-branching baselines in the same
-code, a cold-start fine-tune on demonstrations, and greedy held-out evaluation.
+"""The APPO training loop (docs/design.md, section 12), the GRPO and entropy-branching
+baselines in the same code, a cold-start fine-tune on demonstrations, and greedy held-out
+evaluation.
 
 One step over ``P`` prompts (``algo="appo"``):
 

@@ -3,7 +3,8 @@ branch-point selection) with a PyTorch path of the same math for CPU tensors.
 
 Every op runs on CUDA tensors through Triton kernels and on CPU tensors through PyTorch;
 ``APPO_KERNELS_BACKEND=triton|torch`` forces one. The ops are ``torch.library`` custom ops, so
-``torch.compile`` and CUDA graphs capture them.
+``torch.compile`` and CUDA graphs capture them. docs/design.md describes the math, the kernels and
+the bad-input rules.
 """
 
 from appo_kernels.branching_score import BranchingScore, branching_score, branching_score_from_stats

@@ -45,7 +45,7 @@ from typing import NamedTuple
 
 import torch
 
-from appo_kernels import _validation
+from appo_kernels import validation as _validation
 from appo_kernels._backend import HAS_TRITON, launch_device, use_triton
 
 if HAS_TRITON:

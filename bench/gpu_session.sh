@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything a GPU session should run, in one call (the lent GPU machines have no network and
-# their own torch/triton/transformers; see SPEC.md section 6):
+# their own torch/triton/transformers; see docs/design.md, section 13):
 #   1. build the CUDA extension appo_kernels._C in place,
 #   2. run the GPU tests (compiled Triton kernels on CUDA tensors, the extension against the
 #      PyTorch fallback, the adapter on CUDA),

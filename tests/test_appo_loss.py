@@ -1,4 +1,4 @@
-"""Future-likelihood advantage scaling (SPEC 2.6) and the dual-clip PPO loss (SPEC 2.7) against
+"""Future-likelihood advantage scaling and the dual-clip PPO loss (docs/design.md §9) against
 plain float64 loop references; gradients against float64 autograd of the reference; masked
 (tool-output, padding) tokens contribute exactly nothing."""
 
@@ -62,7 +62,7 @@ def reference_loss(
     entropy=None,
     entropy_coef=0.0,
 ):
-    """Token-by-token SPEC 2.7 on float64 scalars (autograd flows to ``logprob``); also returns
+    """The loss token by token on float64 scalars (autograd flows to ``logprob``); also returns
     the token counts of each clipping regime."""
     pg, kl, ent, tokens = 0.0, 0.0, 0.0, 0
     regimes = {"high": 0, "low": 0, "dual": 0}
@@ -124,7 +124,7 @@ def test_future_likelihood_scale_matches_reference(backend, options):
 
 
 def test_future_likelihood_scale_exercises_every_branch():
-    """The default case's inputs hit each clause of SPEC 2.6 (else the comparison above is weak)."""
+    """The default case's inputs hit every clause (else the comparison above is weak)."""
     logprob, old, adv, mask, _, _ = random_batch(1)
     factor = (future_likelihood_scale(adv, logprob, old, mask) / adv - 1)[mask.bool()]
     at_low, at_high = (factor - 1.0).abs() < 1e-6, (factor - 1.2).abs() < 1e-6

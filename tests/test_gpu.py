@@ -7,6 +7,8 @@ by Triton for the GPU at hand, on realistic vocabulary sizes, through CUDA-graph
 (``bench/gpu_session.sh`` runs it); on CPU machines there is nothing for it to test.
 """
 
+import math
+
 import pytest
 import torch
 from test_linear_token_stats import reference_linear
@@ -119,6 +121,28 @@ def test_scans_match_cpu(gamma):
     cpu = ak.future_value(values, behavior, mask, gamma=gamma)
     gpu = ak.future_value(values.to(CUDA), behavior.to(CUDA), mask.to(CUDA), gamma=gamma)
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=1e-4)
+
+
+def test_scans_keep_infinities_where_the_decay_underflows():
+    """gamma = 0.5 underflows gamma^(k-t) within a block (the GPU's tree scan combines long
+    segments) and across blocks: -inf must still reach every earlier position (0 * -inf = NaN),
+    +inf with -inf gives NaN, and the rest matches the CPU path."""
+    gen = torch.Generator().manual_seed(8)
+    B, T = 6, 3000
+    values = torch.randn(B, T, generator=gen)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    values[0, 2900] = values[1, 700] = values[2, 200] = -math.inf
+    values[2, 2500] = math.inf
+    values[3, 1500] = math.nan
+    behavior = torch.zeros(B, T)
+    for gamma in (0.5, 0.9):
+        cpu = ak.discounted_future_sum(values, mask, gamma=gamma)
+        gpu = ak.discounted_future_sum(values.to(CUDA), mask.to(CUDA), gamma=gamma).cpu()
+        assert torch.all(gpu[0, :2901] == -math.inf) and torch.all(gpu[1, :701] == -math.inf)
+        assert gpu[2, :201].isnan().all() and torch.all(gpu[2, 201:2501] == math.inf)
+        torch.testing.assert_close(gpu, cpu, atol=1e-4, rtol=1e-4, equal_nan=True)
+        omega = ak.future_value(values.to(CUDA), behavior.to(CUDA), mask.to(CUDA), gamma=gamma)
+        assert torch.all(omega[0, :2901] == torch.tensor(0.8, device=CUDA))
 
 
 def test_select_branch_points_matches_cpu_exactly():

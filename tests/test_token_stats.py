@@ -8,6 +8,7 @@ multi-chunk, rescaling and vocabulary-split paths run at small V under the inter
 import pytest
 import torch
 from aot import ARCHS, KernelCase, compile_kernels
+from reference import token_stats_grad_ref, token_stats_ref
 
 from appo_kernels.token_stats import (
     BACKWARD,
@@ -30,16 +31,6 @@ GRAD_TOL = {
 }
 
 
-def reference(logits, tokens, temperature=1.0, ignore_index=-100):
-    """float64 log_softmax of logits / tau; -inf entries contribute 0 to the entropy."""
-    logp = torch.log_softmax(logits.double() / temperature, dim=-1)
-    p = logp.exp()
-    entropy = -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)
-    ignored = tokens == ignore_index
-    picked = logp.gather(-1, tokens.masked_fill(ignored, 0).long().unsqueeze(-1)).squeeze(-1)
-    return picked.masked_fill(ignored, 0.0), entropy
-
-
 def random_case(gen, shape, vocab, dtype, scale=3.0, ignore_every=4):
     logits = (torch.randn(*shape, vocab, generator=gen) * scale).to(dtype)
     tokens = torch.randint(0, vocab, shape, generator=gen)
@@ -49,7 +40,7 @@ def random_case(gen, shape, vocab, dtype, scale=3.0, ignore_every=4):
 
 
 def assert_stats_close(out, logits, tokens, **kwargs):
-    ref_lp, ref_h = reference(logits, tokens, **kwargs)
+    ref_lp, ref_h = token_stats_ref(logits, tokens, **kwargs)
     assert isinstance(out, TokenStats)
     for got, want in zip(out, (ref_lp, ref_h)):
         assert got.dtype == torch.float32 and got.shape == want.shape
@@ -223,13 +214,6 @@ def test_extreme_temperatures_stay_finite(backend, gen):
 # ----------------------------------------------------------------------------------- backward
 
 
-def reference_grad(logits, tokens, g_lp, g_h, **kwargs):
-    x = logits.detach().double().requires_grad_()
-    lp, h = reference(x, tokens, **kwargs)
-    torch.autograd.backward((lp, h), (g_lp.double(), g_h.double()))
-    return x.grad
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gradients_match_float64_autograd(backend, dtype, gen):
     logits, tokens = random_case(gen, (2, 4), 37, dtype)
@@ -241,7 +225,7 @@ def test_gradients_match_float64_autograd(backend, dtype, gen):
     lp, h = token_stats(logits, tokens, temperature=0.8, _block_v=SMALL_BLOCK)
     torch.autograd.backward((lp, h), (g_lp, g_h))
     assert logits.grad.dtype == dtype and logits.grad.shape == logits.shape
-    want = reference_grad(logits, tokens, g_lp, g_h, temperature=0.8).to(dtype)
+    want = token_stats_grad_ref(logits, tokens, g_lp, g_h, temperature=0.8).to(dtype)
     torch.testing.assert_close(logits.grad, want, **GRAD_TOL[dtype])
     assert (logits.grad[0, 1, 30:] == 0).all()
 
@@ -258,7 +242,7 @@ def test_gradient_of_one_output_and_of_a_view(backend, gen):
         ones = torch.ones(2, 4)
         g_lp, g_h = (ones, zeros) if pick == "logprob" else (zeros, ones)
         want = torch.zeros(2, 5, 23, dtype=torch.float64)
-        want[:, :-1] = reference_grad(base[:, :-1], tokens, g_lp, g_h)
+        want[:, :-1] = token_stats_grad_ref(base[:, :-1], tokens, g_lp, g_h)
         torch.testing.assert_close(base.grad.double(), want, **GRAD_TOL[torch.float32])
 
 
