@@ -34,10 +34,9 @@ from __future__ import annotations
 
 import torch
 
-from appo_kernels import _validation
+from appo_kernels import validation
 from appo_kernels.token_stats import (
     TokenStats,
-    check_ignore_index,
     check_temperature,
     check_token_ids,
     flat_ids,
@@ -221,12 +220,12 @@ _linear_token_stats_fwd.register_autograd(_backward, setup_context=_setup_contex
 
 
 def _checked_args(hidden, weight, tokens, bias, temperature, ignore_index, chunk_size):
-    hidden = _validation.check_float("hidden", hidden)
-    weight = _validation.check_float("weight", weight)
-    tokens = _validation.check_int("tokens", tokens)
+    hidden = validation.check_float("hidden", hidden)
+    weight = validation.check_float("weight", weight)
+    tokens = validation.check_int("tokens", tokens)
     if hidden.dim() < 1 or hidden.shape[-1] < 1:
         raise ValueError(f"hidden must be [..., H] with H >= 1, got shape {tuple(hidden.shape)}")
-    _validation.check_ndim("weight", weight, 2, "[V, H] (the LM head)")
+    validation.check_ndim("weight", weight, 2, "[V, H] (the LM head)")
     if weight.shape[0] < 1 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
             f"weight must be [V, H] with V >= 1 and H = hidden.shape[-1] = {hidden.shape[-1]}, "
@@ -237,19 +236,19 @@ def _checked_args(hidden, weight, tokens, bias, temperature, ignore_index, chunk
             f"weight and hidden must share one dtype, got weight {weight.dtype} and hidden "
             f"{hidden.dtype}"
         )
-    _validation.check_shape("tokens", tokens, hidden.shape[:-1], "hidden.shape[:-1]")
+    validation.check_shape("tokens", tokens, hidden.shape[:-1], "hidden.shape[:-1]")
     named = {"hidden": hidden, "weight": weight, "tokens": tokens}
     if bias is not None:
-        bias = _validation.check_float("bias", bias)
-        _validation.check_shape("bias", bias, weight.shape[:1], "[V] = weight.shape[:1]")
+        bias = validation.check_float("bias", bias)
+        validation.check_shape("bias", bias, weight.shape[:1], "[V] = weight.shape[:1]")
         if bias.dtype != weight.dtype:
             raise TypeError(f"bias must have the weight's dtype {weight.dtype}, got {bias.dtype}")
         named["bias"] = bias
-    _validation.check_same_device(named)
+    validation.check_same_device(named)
     temperature = check_temperature(temperature)
-    check_ignore_index(ignore_index)
+    validation.check_int64("ignore_index", ignore_index)
     if chunk_size is not None:
-        _validation.check_count("chunk_size", chunk_size, minimum=1)
+        validation.check_count("chunk_size", chunk_size, minimum=1)
         if chunk_size > 2**31:
             raise ValueError(f"chunk_size must be at most 2**31, got {chunk_size}")
     return hidden, weight, tokens, bias, temperature

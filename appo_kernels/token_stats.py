@@ -45,7 +45,7 @@ from typing import NamedTuple
 
 import torch
 
-from appo_kernels import validation as _validation
+from appo_kernels import validation
 from appo_kernels._backend import HAS_TRITON, launch_device, use_triton
 
 if HAS_TRITON:
@@ -570,9 +570,9 @@ def flat_ids(tokens: torch.Tensor) -> torch.Tensor:
 
 def check_token_ids(tokens: torch.Tensor, vocab: int, ignore_index: int) -> None:
     """One reduction over the ids; skipped while a CUDA graph is captured (no host sync)."""
-    if tokens.numel() == 0 or _validation.capturing_cuda_graph(tokens):
+    if tokens.numel() == 0 or validation.capturing_cuda_graph(tokens):
         return
-    _validation.check_index_range("tokens", tokens, vocab, ignore_index)
+    validation.check_index_range("tokens", tokens, vocab, ignore_index)
 
 
 @torch.library.custom_op("appo_kernels::token_stats_fwd", mutates_args=())
@@ -654,30 +654,22 @@ _token_stats_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def check_temperature(temperature: object) -> float:
     """A temperature in ``TEMPERATURE_RANGE`` (1 / tau stays a normal float32)."""
-    temperature = _validation.check_positive("temperature", temperature)
+    temperature = validation.check_positive("temperature", temperature)
     low, high = TEMPERATURE_RANGE
     if not low <= temperature <= high:
         raise ValueError(f"temperature must be in [{low:g}, {high:g}], got {temperature:g}")
     return temperature
 
 
-def check_ignore_index(ignore_index: object) -> int:
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if not -(2**63) <= ignore_index < 2**63:
-        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
-    return ignore_index
-
-
 def _checked_args(logits, tokens, temperature, ignore_index, block_v, num_splits):
-    logits = _validation.check_float("logits", logits)
-    tokens = _validation.check_int("tokens", tokens)
+    logits = validation.check_float("logits", logits)
+    tokens = validation.check_int("tokens", tokens)
     if logits.dim() < 1 or logits.shape[-1] < 1:
         raise ValueError(f"logits must be [..., V] with V >= 1, got shape {tuple(logits.shape)}")
-    _validation.check_shape("tokens", tokens, logits.shape[:-1], "logits.shape[:-1]")
-    _validation.check_same_device({"logits": logits, "tokens": tokens})
+    validation.check_shape("tokens", tokens, logits.shape[:-1], "logits.shape[:-1]")
+    validation.check_same_device({"logits": logits, "tokens": tokens})
     temperature = check_temperature(temperature)
-    check_ignore_index(ignore_index)
+    validation.check_int64("ignore_index", ignore_index)
     for name, value in (("_block_v", block_v), ("_num_splits", num_splits)):
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**16:
             raise ValueError(f"{name} must be an int in [0, 65536] (0 = automatic), got {value!r}")

@@ -30,6 +30,16 @@ def token_stats_grad_ref(logits, tokens, grad_logprob, grad_entropy, **kwargs):
     return x.grad
 
 
+def linear_token_stats_ref(hidden, weight, tokens, bias=None, temperature=1.0, ignore_index=-100):
+    """float64 logits ``hidden @ weight.T + bias``, then ``token_stats_ref``; rows whose token is
+    ``ignore_index`` give (0, 0)."""
+    logits = hidden.double() @ weight.double().t()
+    if bias is not None:
+        logits = logits + bias.double()
+    logprob, entropy = token_stats_ref(logits, tokens, temperature, ignore_index)
+    return logprob, entropy.masked_fill(tokens == ignore_index, 0.0)
+
+
 def discounted_sum_ref(values: torch.Tensor, mask: torch.Tensor, gamma: float):
     """(G, bound) in float64: G_t = w_t r_t + gamma G_{t+1}; ``bound`` is the same recurrence on
     |w r|, the scale that float32 rounding errors are relative to."""

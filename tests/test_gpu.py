@@ -11,7 +11,8 @@ import math
 
 import pytest
 import torch
-from test_linear_token_stats import reference_linear
+from reference import linear_token_stats_ref as reference_linear
+from utils import assert_close_scaled
 
 import appo_kernels as ak
 from appo_kernels._backend import interpreter_enabled
@@ -29,17 +30,6 @@ CUDA = torch.device("cuda")
 def default_backends(monkeypatch):
     """CUDA tensors take the Triton kernels and CPU tensors the PyTorch path (no forcing)."""
     monkeypatch.delenv("APPO_KERNELS_BACKEND", raising=False)
-
-
-def assert_close_scaled(got: torch.Tensor, want: torch.Tensor, rel: float) -> None:
-    """max |got - want| <= rel * max |want| (values of very different scales in one tensor)."""
-    got, want = got.detach().cpu().double(), want.detach().cpu().double()
-    assert got.shape == want.shape
-    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
-    finite = torch.isfinite(want)
-    err = (got[finite] - want[finite]).abs().max().item() if finite.any() else 0.0
-    scale = want[finite].abs().max().item() if finite.any() else 0.0
-    assert err <= rel * scale + 1e-12, f"max error {err:.3g} vs scale {scale:.3g}"
 
 
 def random_logits(rows, vocab, dtype, seed=0):

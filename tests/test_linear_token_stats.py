@@ -3,14 +3,11 @@ backends (PyTorch path; Triton kernels through the interpreter on CPU)."""
 
 import pytest
 import torch
-from test_token_stats import reference
+from reference import linear_token_stats_ref as reference_linear
+from utils import assert_close_scaled
 
 import appo_kernels as ak
-from appo_kernels.linear_token_stats import (
-    _linear_token_stats_bwd,
-    _linear_token_stats_fwd,
-    default_chunk_size,
-)
+from appo_kernels.linear_token_stats import default_chunk_size
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Statistics are float32, but the logits chunk is rounded to the inputs' dtype (as a model's LM
@@ -22,15 +19,6 @@ STATS_TOL = {
 }
 # max |got - want| <= GRAD_REL * max |want| (gradients of very different scales in one tensor)
 GRAD_REL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
-
-
-def reference_linear(hidden, weight, tokens, bias=None, temperature=1.0, ignore_index=-100):
-    """float64 logits, then token_stats' reference; ignored rows give (0, 0)."""
-    logits = hidden.double() @ weight.double().t()
-    if bias is not None:
-        logits = logits + bias.double()
-    logprob, entropy = reference(logits, tokens, temperature, ignore_index)
-    return logprob, entropy.masked_fill(tokens == ignore_index, 0.0)
 
 
 def make_case(gen, n, hidden_size, vocab, dtype, ignore_every=3, bias=True):
@@ -48,12 +36,6 @@ def grads_of(fn, inputs, g_lp, g_h):
     lp, h = fn(*leaves)
     torch.autograd.backward((lp, h), (g_lp.to(lp.dtype), g_h.to(h.dtype)))
     return (lp, h), [None if t is None else t.grad for t in leaves]
-
-
-def assert_close_scaled(got, want, rel):
-    got, want = got.double(), want.double()
-    scale = want.abs().max().clamp_min(1e-12)
-    assert (got - want).abs().max() <= rel * scale, (got - want).abs().max() / scale
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -175,18 +157,6 @@ def test_torch_compile_fullgraph(backend, gen):
     for g, want in zip(got, (t.grad for t in leaves)):
         torch.testing.assert_close(g, want, atol=1e-6, rtol=1e-6)
     torch._dynamo.reset()
-
-
-def test_opcheck(gen):
-    hidden, weight, bias, tokens = make_case(gen, 5, 4, 9, torch.float32)
-    hidden.requires_grad_()
-    weight.requires_grad_()
-    fwd_args = (hidden, weight, bias, tokens, 1.0, -100, 2)
-    torch.library.opcheck(_linear_token_stats_fwd, fwd_args)
-    _, entropy, row_max, log_sum = (t.detach() for t in _linear_token_stats_fwd(*fwd_args))
-    g = torch.randn(2, 5, generator=gen)
-    bwd_args = (hidden.detach(), weight.detach(), bias, tokens, row_max, log_sum, entropy, *g)
-    torch.library.opcheck(_linear_token_stats_bwd, (*bwd_args, 1.0, -100, 2, True, True))
 
 
 def test_default_chunk_size():

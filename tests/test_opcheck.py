@@ -26,7 +26,11 @@ def _cases(gen):
     logprob = -torch.rand(B, T, generator=gen)
     behavior = logprob + 0.1 * torch.randn(B, T, generator=gen)
     mask = random_mask(gen, B, T)
-    lse = torch.logsumexp(logits, dim=-1)
+    row_max = logits.amax(dim=-1)
+    log_sum = torch.logsumexp(logits - row_max[..., None], dim=-1)
+    hidden = torch.randn(B * T, 5, generator=gen)
+    head = torch.randn(V, 5, generator=gen)
+    bias = torch.randn(V, generator=gen)
     entropy = torch.rand(B, T, generator=gen)
     grads = torch.randn(2, B, T, generator=gen)
     score = torch.randn(B, T, generator=gen)
@@ -40,13 +44,57 @@ def _cases(gen):
         (
             "token_stats_bwd",
             ops.token_stats_bwd,
-            (logits.detach(), tokens, lse, entropy, grads[0], grads[1], 0.8, -100, 0, 0),
+            (logits.detach(), tokens, row_max, log_sum, entropy, *grads, 0.8, -100, 0, 0),
         ),
         (
             "token_stats_bwd (entropy gradient only)",
             ops.token_stats_bwd,
-            (logits.detach(), tokens, lse, entropy, None, grads[1], 1.0, -100, 0, 0),
+            (logits.detach(), tokens, row_max, log_sum, entropy, None, grads[1], 1.0, -100, 0, 0),
         ),
+        (
+            "linear_token_stats_fwd",
+            ops.linear_token_stats_fwd,
+            (hidden.requires_grad_(), head.requires_grad_(), bias, tokens.view(-1), 0.8, -100, 4),
+        ),
+        (
+            "linear_token_stats_bwd",
+            ops.linear_token_stats_bwd,
+            (
+                hidden.detach(),
+                head.detach(),
+                bias,
+                tokens.view(-1),
+                row_max.view(-1),
+                log_sum.view(-1),
+                entropy.view(-1),
+                *grads.view(2, -1),
+                0.8,
+                -100,
+                4,
+                True,
+                True,
+            ),
+        ),  # fmt: skip
+        (
+            "linear_token_stats_bwd (no bias, hidden gradient only)",
+            ops.linear_token_stats_bwd,
+            (
+                hidden.detach(),
+                head.detach(),
+                None,
+                tokens.view(-1),
+                row_max.view(-1),
+                log_sum.view(-1),
+                entropy.view(-1),
+                grads[0].view(-1),
+                None,
+                1.0,
+                -100,
+                3,
+                False,
+                False,
+            ),
+        ),  # fmt: skip
         ("discounted_future_sum", ops.discounted_future_sum, (behavior, mask, 0.9)),
         ("future_value", ops.future_value, (logprob, behavior, mask, 0.95, 0.2)),
         (

@@ -33,6 +33,18 @@ def assert_close_to_ref(actual: torch.Tensor, expected: torch.Tensor, scale=1.0,
     assert bool((error <= limit).all()), f"max error {error.max():.3g}"
 
 
+def assert_close_scaled(got: torch.Tensor, want: torch.Tensor, rel: float) -> None:
+    """max |got - want| <= rel * max |want| over the finite entries, with equal non-finite
+    patterns (gradients whose entries span many orders of magnitude)."""
+    got, want = got.detach().cpu().double(), want.detach().cpu().double()
+    assert got.shape == want.shape
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+    finite = torch.isfinite(want)
+    err = (got[finite] - want[finite]).abs().max().item() if finite.any() else 0.0
+    scale = want[finite].abs().max().item() if finite.any() else 0.0
+    assert err <= rel * scale + 1e-12, f"max error {err:.3g} vs scale {scale:.3g}"
+
+
 def assert_rejects(exc: type, arg_name: str, fn, *args, **kwargs) -> None:
     """``fn`` raises ``exc`` with a message that names ``arg_name``."""
     with pytest.raises(exc, match=arg_name):
