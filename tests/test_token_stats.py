@@ -195,6 +195,28 @@ def test_launch_config():
     assert _launch_config(2, 40, torch.float32, cpu, block_v=16, num_splits=9).num_splits == 3
 
 
+def test_extreme_temperatures_stay_finite(backend, gen):
+    """x / tau would overflow float32 at tau = 1e-30 and 1 / tau underflow at 1e30; the kernels
+    scale x - max instead, so the limits come out right: argmax at tau -> 0, uniform over the
+    finite entries at tau -> inf."""
+    logits = torch.randn(3, 40, generator=gen) * 5
+    logits[2, 10:] = float("-inf")  # 10 finite entries
+    top = logits.argmax(-1)
+    other = (top + 1) % 10
+    lp, h = token_stats(logits, top, temperature=1e-30, _block_v=SMALL_BLOCK)
+    assert (h == 0).all() and (lp == 0).all(), (lp, h)
+    lp, _ = token_stats(logits, other, temperature=1e-30, _block_v=SMALL_BLOCK)
+    assert (lp < -1e28).all(), lp  # (x_y - max) / tau: finite or -inf, never NaN
+    lp, h = token_stats(logits, other, temperature=1e30, _block_v=SMALL_BLOCK)
+    log10, log40 = torch.tensor(10.0).log(), torch.tensor(40.0).log()
+    torch.testing.assert_close(h, torch.stack([log40, log40, log10]))
+    torch.testing.assert_close(lp, -torch.stack([log40, log40, log10]))
+    logits.requires_grad_()
+    lp, h = token_stats(logits, other, temperature=1e-30, _block_v=SMALL_BLOCK)
+    (lp.sum() + h.sum()).backward()
+    assert not logits.grad.isnan().any()
+
+
 # ----------------------------------------------------------------------------------- backward
 
 
@@ -281,7 +303,7 @@ def test_bad_inputs(backend):
         for logits, tokens in cases:
             with pytest.raises(ValueError, match=name):
                 token_stats(logits, tokens)
-    for temperature in (0.0, -1.0, float("nan"), float("inf")):
+    for temperature in (0.0, -1.0, float("nan"), float("inf"), 1e-31, 1e31):
         with pytest.raises(ValueError, match="temperature"):
             token_stats(x, y, temperature=temperature)
     with pytest.raises(TypeError, match="temperature"):
@@ -303,7 +325,8 @@ def _cases(dtype, arch):
     """Every kernel, specialised like the JIT does for contiguous aligned rows."""
     block_v = 4096 if dtype != "fp32" else 2048
     stats = {
-        f"{n}_ptr": "*fp32" for n in ("logprob", "entropy", "lse", "part_m", "part_s", "part_a")
+        f"{n}_ptr": "*fp32"
+        for n in ("logprob", "entropy", "row_max", "log_sum", "part_m", "part_s", "part_a")
     }
     fwd = {
         "x_ptr": f"*{dtype}",
@@ -320,7 +343,8 @@ def _cases(dtype, arch):
     bwd = {
         "x_ptr": f"*{dtype}",
         "tokens_ptr": "*i64",
-        "lse_ptr": "*fp32",
+        "row_max_ptr": "*fp32",
+        "log_sum_ptr": "*fp32",
         "entropy_ptr": "*fp32",
         "grad_logprob_ptr": "*fp32",
         "grad_entropy_ptr": "*fp32",
