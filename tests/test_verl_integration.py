@@ -47,15 +47,23 @@ def test_import_verl_alone_registers_appo():
     code = (
         "import sys, verl\n"
         "from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY, POLICY_LOSS_REGISTRY\n"
+        "from verl.workers.engine.fsdp import transformer_impl\n"
         "print(POLICY_LOSS_REGISTRY['appo'].__module__, POLICY_LOSS_REGISTRY['appo_dual_clip']"
-        ".__name__, ADV_ESTIMATOR_REGISTRY['appo'].__name__)\n"
+        ".__name__, ADV_ESTIMATOR_REGISTRY['appo'].__name__, "
+        "transformer_impl.logprobs_from_logits.__module__)\n"
     )
-    env = {**os.environ, "VERL_USE_EXTERNAL_PLUGINS": "auto"}
+    # APPO_VERL_KERNELS=1: the kernels are on in a process that never called use_kernels
+    env = {**os.environ, "VERL_USE_EXTERNAL_PLUGINS": "auto", "APPO_VERL_KERNELS": "1"}
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd="/"
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["appo.integrations.verl", "appo_dual_clip_loss", "appo_advantage"]
+    assert out.stdout.split() == [
+        "appo.integrations.verl",
+        "appo_dual_clip_loss",
+        "appo_advantage",
+        "appo.integrations.verl",
+    ]
 
 
 def test_register_is_idempotent():

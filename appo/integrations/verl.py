@@ -20,11 +20,14 @@ in the driver and in every Ray worker, and the import calls ``register()``:
 
 ``use_kernels()`` swaps verl's log-prob / entropy functions for ``appo_kernels.token_stats`` and
 its fused LM head (``actor.use_fused_kernels=True``) for ``appo_kernels.linear_token_stats``.
+With ``APPO_VERL_KERNELS=1`` in the environment, the import (so every verl process) turns them on
+for the life of the process.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -499,3 +502,8 @@ def select_branches(
 
 
 register()
+if os.environ.get("APPO_VERL_KERNELS") == "1":
+    # for the life of this process (verl's workers import this module); the reference keeps the
+    # context from being closed by garbage collection
+    _process_kernels = use_kernels()
+    _process_kernels.__enter__()
