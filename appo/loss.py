@@ -108,6 +108,30 @@ def future_likelihood_scale(
     return torch.where(valid, advantages * (1.0 + bonus * scale), 0.0)
 
 
+def ppo_token_loss(
+    logprob: torch.Tensor,
+    old_logprob: torch.Tensor,
+    advantages: torch.Tensor,
+    valid: torch.Tensor,
+    *,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token dual-clip PPO loss ``L_t`` (module docstring), 0 outside the bool ``valid``, and
+    the clamped log-ratio ``logπ_θ − logπ_old`` it used (also 0 outside ``valid``). Unchecked:
+    ``policy_loss`` and trainer adapters (``appo.integrations``) validate first."""
+    # Mask before any arithmetic, so padding values (even NaN / -inf) reach neither loss nor grad.
+    log_ratio = torch.where(valid, logprob - old_logprob.detach(), 0.0)
+    log_ratio = log_ratio.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+    adv = torch.where(valid, advantages.detach(), 0.0)
+    ratio = log_ratio.exp()
+    token_loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high))
+    if dual_clip is not None:
+        token_loss = torch.where(adv < 0, torch.minimum(token_loss, -dual_clip * adv), token_loss)
+    return token_loss, log_ratio
+
+
 def policy_loss(
     logprob: torch.Tensor,
     old_logprob: torch.Tensor,
@@ -165,14 +189,17 @@ def policy_loss(
         valid_count.clamp_min(1) if num_tokens is None else check_positive("num_tokens", num_tokens)
     )
 
-    # Mask before any arithmetic, so padding values (even NaN / -inf) reach neither loss nor grad.
-    log_ratio = torch.where(valid, logprob - old_logprob.detach(), 0.0)
-    log_ratio = log_ratio.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+    token_loss, log_ratio = ppo_token_loss(
+        logprob,
+        old_logprob,
+        advantages,
+        valid,
+        clip_low=clip_low,
+        clip_high=clip_high,
+        dual_clip=dual_clip,
+    )
     adv = torch.where(valid, advantages.detach(), 0.0)
     ratio = log_ratio.exp()
-    token_loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high))
-    if dual_clip is not None:
-        token_loss = torch.where(adv < 0, torch.minimum(token_loss, -dual_clip * adv), token_loss)
     pg_loss = _masked_mean(token_loss, valid, count)
     loss = pg_loss
 
