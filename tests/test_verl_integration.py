@@ -25,7 +25,7 @@ except ImportError:
         allow_module_level=True,
     )
 
-from scan_score_reference import branching_score_ref
+from reference import branching_score_ref
 from tensordict import TensorDict
 from test_appo_advantages import random_tree, reference_advantages
 from transformers import LlamaConfig, LlamaForCausalLM

@@ -50,7 +50,7 @@ import appo_kernels
 from appo.advantages import procedure_advantages
 from appo.loss import future_likelihood_scale, ppo_token_loss
 from appo_kernels import branching_score_from_stats, select_branch_points, token_stats
-from appo_kernels._validation import check_count
+from appo_kernels.validation import check_count
 
 UID_TAG = "#appo:"
 
