@@ -70,6 +70,8 @@ TEMPERATURE_RANGE = (1e-30, 1e30)
 # Triton kernels
 # --------------------------------------------------------------------------------------------
 
+# fmt: off
+# (kernel signatures are kept one argument group per line, with their shapes beside them)
 if HAS_TRITON:
     NEG_INF = tl.constexpr(float("-inf"))
 
@@ -94,21 +96,8 @@ if HAS_TRITON:
         return c * s, tl.where(c == 0.0, 0.0, c * (a + delta * s))
 
     @triton.jit
-    def _store_row_stats(
-        row,
-        m,
-        s,
-        a,
-        x_row,
-        tokens_ptr,
-        logprob_ptr,
-        entropy_ptr,
-        row_max_ptr,
-        log_sum_ptr,
-        V,
-        inv_temp,
-        ignore_index,
-    ):
+    def _store_row_stats(row, m, s, a, x_row, tokens_ptr, logprob_ptr, entropy_ptr, row_max_ptr,
+                         log_sum_ptr, V, inv_temp, ignore_index):
         """entropy = log s - a / s, logprob = (x_y - m) / tau - log s (one scalar load of
         x[row, y]; 0 for ignore_index, NaN for an id outside [0, V), never read out of bounds);
         m and log s are kept for the backward pass."""
@@ -127,22 +116,14 @@ if HAS_TRITON:
     def _token_stats_fwd_kernel(
         x_ptr,  # [R, T1, V] logits (fp16/bf16/fp32), strided rows, contiguous vocabulary
         tokens_ptr,  # [N] int64 sampled ids, N = R * T1
-        logprob_ptr,  # [N] float32 out
-        entropy_ptr,  # [N] float32 out
+        logprob_ptr, entropy_ptr,  # [N] float32 out
         row_max_ptr,  # [N] float32 out: max_j x_j (raw logits)
         log_sum_ptr,  # [N] float32 out: log sum_j e^((x_j - max) / tau)
-        part_m_ptr,  # [N, SPLITS] float32 partial states, written when SPLIT
-        part_s_ptr,
-        part_a_ptr,
-        V,
-        T1,
-        stride_outer,
-        stride_inner,  # row layout (module docstring)
-        cols_per_split,  # vocabulary columns streamed by one program (a multiple of BLOCK_V)
-        inv_temp,
-        ignore_index,
-        BLOCK_V: tl.constexpr,
-        SPLIT: tl.constexpr,
+        part_m_ptr, part_s_ptr, part_a_ptr,  # [N, splits] float32 partial states (when SPLIT)
+        V, T1, stride_outer, stride_inner,  # row layout: module docstring
+        cols_per_split,  # vocabulary columns of one program (a multiple of BLOCK_V)
+        inv_temp, ignore_index,
+        BLOCK_V: tl.constexpr, SPLIT: tl.constexpr,
     ):
         """Program (row, split) streams columns [split * cols_per_split, ...) of one row in
         BLOCK_V chunks. It keeps the running maximum m as a scalar and the sums s, a as BLOCK_V-wide
@@ -180,40 +161,14 @@ if HAS_TRITON:
             tl.store(part_s_ptr + part, s)
             tl.store(part_a_ptr + part, a)
         else:
-            _store_row_stats(
-                row,
-                m,
-                s,
-                a,
-                x_row,
-                tokens_ptr,
-                logprob_ptr,
-                entropy_ptr,
-                row_max_ptr,
-                log_sum_ptr,
-                V,
-                inv_temp,
-                ignore_index,
-            )
+            _store_row_stats(row, m, s, a, x_row, tokens_ptr, logprob_ptr, entropy_ptr,
+                             row_max_ptr, log_sum_ptr, V, inv_temp, ignore_index)
 
     @triton.jit
     def _token_stats_merge_kernel(
-        x_ptr,
-        tokens_ptr,
-        logprob_ptr,
-        entropy_ptr,
-        row_max_ptr,
-        log_sum_ptr,  # as forward
-        part_m_ptr,
-        part_s_ptr,
-        part_a_ptr,  # [N, num_splits] float32 partial states
-        V,
-        T1,
-        stride_outer,
-        stride_inner,
-        num_splits,
-        inv_temp,
-        ignore_index,
+        x_ptr, tokens_ptr, logprob_ptr, entropy_ptr, row_max_ptr, log_sum_ptr,  # as forward
+        part_m_ptr, part_s_ptr, part_a_ptr,  # [N, num_splits] float32 partial states
+        V, T1, stride_outer, stride_inner, num_splits, inv_temp, ignore_index,
         SPLITS_POW2: tl.constexpr,
     ):
         """Merges a row's partials: M = max m_i, then each (s_i, a_i) is rebased to M and
@@ -228,42 +183,19 @@ if HAS_TRITON:
         m = tl.max(m_i, axis=0)
         s_i, a_i = _rebase(m_i, s_i, a_i, m, inv_temp)
         x_row = x_ptr + _row_offset(row, T1, stride_outer, stride_inner)
-        _store_row_stats(
-            row,
-            m,
-            tl.sum(s_i, axis=0),
-            tl.sum(a_i, axis=0),
-            x_row,
-            tokens_ptr,
-            logprob_ptr,
-            entropy_ptr,
-            row_max_ptr,
-            log_sum_ptr,
-            V,
-            inv_temp,
-            ignore_index,
-        )
+        _store_row_stats(row, m, tl.sum(s_i, axis=0), tl.sum(a_i, axis=0), x_row, tokens_ptr,
+                         logprob_ptr, entropy_ptr, row_max_ptr, log_sum_ptr, V, inv_temp,
+                         ignore_index)
 
     @triton.jit
     def _token_stats_bwd_kernel(
         x_ptr,  # [R, T1, V] logits, as forward
         tokens_ptr,  # [N] int64
-        row_max_ptr,
-        log_sum_ptr,
-        entropy_ptr,  # [N] float32 saved by the forward pass
-        grad_logprob_ptr,
-        grad_entropy_ptr,  # [N] float32 upstream gradients (when HAS_*)
+        row_max_ptr, log_sum_ptr, entropy_ptr,  # [N] float32 saved by the forward pass
+        grad_logprob_ptr, grad_entropy_ptr,  # [N] float32 upstream gradients (when HAS_*)
         dx_ptr,  # [N, V] out, logits dtype, contiguous; may be x_ptr itself (in place)
-        V,
-        T1,
-        stride_outer,
-        stride_inner,
-        cols_per_split,
-        inv_temp,
-        ignore_index,
-        HAS_GRAD_LOGPROB: tl.constexpr,
-        HAS_GRAD_ENTROPY: tl.constexpr,
-        BLOCK_V: tl.constexpr,
+        V, T1, stride_outer, stride_inner, cols_per_split, inv_temp, ignore_index,
+        HAS_GRAD_LOGPROB: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
         """dx_j = (1/tau) [g_lp (1[j = y] - p_j) - g_H p_j (d_j - log s + H)] with
         d_j = (x_j - m) / tau and p_j = e^(d_j - log s); program (row, split) streams its
@@ -298,6 +230,8 @@ if HAS_TRITON:
             dz = tl.where(cols == y, g_lp, 0.0) - p * (g_lp + g_h * centred)
             tl.store(dx_row + cols, (dz * inv_temp).to(dx_ptr.dtype.element_ty), mask=mask)
 
+
+# fmt: on
 
 # --------------------------------------------------------------------------------------------
 # Launchers
