@@ -353,50 +353,49 @@ _FLOAT32_MIN = torch.finfo(torch.float32).min
 
 
 def _row_chunks(rows: torch.Tensor):
-    """Yields (first_row, [n, V] view) over the [R, T1, V] row view, a few MB at a time."""
+    """Yields ``(first_row, chunk, d, p)`` over the [R, T1, V] row view, a few MB of rows at a
+    time: ``chunk`` an [n, V] view of the logits, ``d`` and ``p`` two float32 [n, V] work buffers
+    (allocated once per call and reused, so no chunk pays for fresh pages)."""
     outer, inner, vocab = rows.shape
-    step = max(1, _TORCH_CHUNK_BYTES // (4 * vocab))
+    step = max(1, min(inner, _TORCH_CHUNK_BYTES // (4 * vocab)))
+    work = torch.empty((2, step, vocab), device=rows.device, dtype=torch.float32)
     for i in range(outer):
         for t in range(0, inner, step):
-            yield i * inner + t, rows[i, t : t + step]
+            chunk = rows[i, t : t + step]
+            n = chunk.shape[0]
+            yield i * inner + t, chunk, work[0, :n], work[1, :n]
 
 
-def _scaled_differences(chunk, row_max, inv_temp):
-    """d = (x - m) / tau in float32 with -inf entries moved to the float32 minimum, so that
-    e^d = 0 and p * d = 0 there without 0 * (-inf)."""
-    d = torch.sub(chunk, row_max[:, None])
-    if d.dtype != torch.float32:
-        d = d.float()
+def _softmax_terms(chunk, row_max, inv_temp, d, p):
+    """Fills ``d`` with (x - m) / tau (masked entries at the float32 minimum, so that e^d = 0 and
+    p * d = 0 there without 0 * (-inf)) and ``p`` with softmax(d) from ATen's fused kernel;
+    returns total = sum_j p_j by a cascaded sum. The fused kernel's own normaliser is a plain
+    float32 accumulation (relative error ~1e-5 at V = 150k); dividing by ``total`` restores the
+    accurate one: the true probabilities are p / total and log s = -log max_j p_j + log total
+    (the maximum of p sits at d = 0)."""
+    torch.sub(chunk, row_max[:, None], out=d)
     if inv_temp != 1.0:
         d.mul_(inv_temp)
-    return d.clamp_min_(_FLOAT32_MIN)
-
-
-def _softmax_terms(chunk, row_max, inv_temp):
-    """(d, p, total) for a chunk of rows: d = (x - m) / tau (masked entries at the float32
-    minimum), p = softmax(d) from ATen's fused kernel, and total = sum_j p_j with a cascaded sum.
-    The fused kernel's own normaliser is a plain float32 accumulation (relative error ~1e-5 at
-    V = 150k); dividing by ``total`` restores the accurate one: the true probabilities are
-    p / total and log s = -log max_j p_j + log total (the maximum of p sits at d = 0)."""
-    d = _scaled_differences(chunk, row_max, inv_temp)
-    p = torch.softmax(d, dim=-1)
-    return d, p, p.sum(dim=-1)
+    d.clamp_min_(_FLOAT32_MIN)
+    torch.softmax(d, dim=-1, out=p)
+    return p.sum(dim=-1)
 
 
 def _torch_forward(rows, tokens, temperature, ignore_index):
     """Per chunk: m = max x, d = (x - m) / tau, p = softmax(d), log s from the largest p,
-    entropy = log s - <p, d>; logprob = d_y - log s read from the unclamped logits."""
+    entropy = log s - <p, d> (d * p in place, then a row sum); logprob = d_y - log s read from the
+    unclamped logits."""
     outer, inner, vocab = rows.shape
     logprob, entropy, row_max, log_sum = _empty_stats((outer * inner,), rows.device)
     inv_temp = 1.0 / temperature
-    for r0, chunk in _row_chunks(rows):
+    for r0, chunk, d, p in _row_chunks(rows):
         r1 = r0 + chunk.shape[0]
         m = chunk.amax(dim=-1).float()  # NaN propagates
-        d, p, total = _softmax_terms(chunk, m, inv_temp)
+        total = _softmax_terms(chunk, m, inv_temp, d, p)
         log_s = torch.log(total / p.amax(dim=-1))
         row_max[r0:r1] = m
         log_sum[r0:r1] = log_s
-        entropy[r0:r1] = log_s - torch.linalg.vecdot(p, d) / total
+        entropy[r0:r1] = log_s - d.mul_(p).sum(dim=-1) / total
         y = tokens[r0:r1]
         in_range = (y >= 0) & (y < vocab)
         x_y = chunk.gather(-1, torch.where(in_range, y, 0).unsqueeze(-1)).squeeze(-1).float()
@@ -412,9 +411,9 @@ def _torch_backward(rows, tokens, row_max, log_sum, entropy, grad_logprob, grad_
     minimum at a masked entry only ever meets q = 0."""
     outer, inner, vocab = rows.shape
     inv_temp = 1.0 / temperature
-    for r0, chunk in _row_chunks(rows):
+    for r0, chunk, d, p in _row_chunks(rows):
         r1 = r0 + chunk.shape[0]
-        d, p, total = _softmax_terms(chunk, row_max[r0:r1], inv_temp)
+        total = _softmax_terms(chunk, row_max[r0:r1], inv_temp, d, p)
         scale = inv_temp / total  # folds 1 / total (normalisation) and 1 / tau into the rows
         g_lp = None
         if grad_logprob is not None:
