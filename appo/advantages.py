@@ -1,4 +1,4 @@
-"""Procedure-level advantages (SPEC section 2.5).
+"""Procedure-level advantages (docs/design.md, section 8).
 
 Rollouts of one prompt form a group with two kinds: initial rollouts, and branch rollouts that
 re-sampled an initial rollout from a token position ``split`` on (they share its prefix
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from appo_kernels._validation import (
+from appo_kernels.validation import (
     FLOAT_DTYPES,
     check_bool,
     check_float,
@@ -132,7 +132,7 @@ def procedure_advantages(
         response_mask: ``[R, T]`` {0, 1}: the tokens the policy generated (not prompt, tool
             output or padding).
         train_branches: give branch rows their own ``Â_b`` instead of 0.
-        std: ``"population"`` (SPEC 2.5) or ``"sample"`` (n − 1, verl's) standard deviation.
+        std: ``"population"`` (the default) or ``"sample"`` (n − 1, verl's) standard deviation.
     """
     _validate(rewards, group_ids, is_branch, parent, split, response_mask)
     if std not in STD_CONVENTIONS:

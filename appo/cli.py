@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_flag(
         "advantage_std",
         str,
-        "std of the group reward normalisation: population (SPEC) or sample (n-1, verl)",
+        "std of the group reward normalisation: population or sample (n-1, verl's)",
         choices=STD_CONVENTIONS,
     )
     p.add_argument(
@@ -182,7 +182,7 @@ def _main(argv) -> int:
 
     from appo.model import check_model_path, default_model_path
     from appo.report import RunFolder
-    from appo_kernels._validation import check_device
+    from appo_kernels.validation import check_device
 
     config = config_from_args(args)
     try:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields
 
 from appo.advantages import STD_CONVENTIONS
 from appo.sampler import SAMPLER_DTYPES
-from appo_kernels._validation import check_count, check_nonneg, check_positive
+from appo_kernels.validation import check_count, check_nonneg, check_positive
 
 ALGOS = ("appo", "grpo", "entropy")
 SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes seeds below this
@@ -47,10 +47,10 @@ class TrainConfig:
     # The behaviour policy (appo/sampler.py): its weights' dtype and lag (in training steps).
     sampler_dtype: str = "bfloat16"
     sampler_lag: int = 0
-    # Where the APPO paper's code differs from SPEC's formulas (docs/design.md, "The trainer").
+    # Where the APPO paper's code differs from the design's formulas (docs/design.md, 14).
     clamp_kl: bool = True  # k3 KL per token clamped to [-10, 10] (verl, the paper's code)
     drop_dual_clipped_rows: bool = True  # drop rows with > 1 dual-clipped token (paper's code)
-    advantage_std: str = "population"  # GRPO-style std: "population" (SPEC) or "sample" (verl)
+    advantage_std: str = "population"  # group std: "population" or "sample" (n - 1, verl's)
 
     def __post_init__(self):
         for spec in fields(self):

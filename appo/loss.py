@@ -1,5 +1,5 @@
-"""APPO's policy loss: future-likelihood advantage scaling (SPEC section 2.6) and dual-clip PPO
-with clip-higher (section 2.7).
+"""APPO's policy loss: future-likelihood advantage scaling and dual-clip PPO with clip-higher
+(docs/design.md, section 9).
 
 Future-likelihood scaling, per token ``t`` of a row (``w`` = response mask)::
 
@@ -40,7 +40,8 @@ import math
 
 import torch
 
-from appo_kernels._validation import (
+from appo_kernels.discounted_future_sum import discounted_future_sum
+from appo_kernels.validation import (
     FLOAT_DTYPES,
     check_count,
     check_float,
@@ -52,7 +53,6 @@ from appo_kernels._validation import (
     check_same_device,
     check_shape,
 )
-from appo_kernels.discounted_future_sum import discounted_future_sum
 
 LOG_RATIO_BOUND = 20.0
 KL_CLAMP = 10.0  # verl's low_var_kl clamp of each token's k3
@@ -95,7 +95,7 @@ def future_likelihood_scale(
     neg_ratio_cap: float = 6.0,
     bonus: float = 1.0,
 ) -> torch.Tensor:
-    """Scaled advantages ``Ã = A · (1 + bonus · f)`` ``[B, T]`` (module docstring, SPEC 2.6).
+    """Scaled advantages ``Ã = A · (1 + bonus · f)`` ``[B, T]`` (module docstring).
 
     ``logprob`` is detached here: the scale is a weight, not a path for gradients. Zero outside
     ``mask``. Computed in float32 (float64 inputs keep float64 outside the scan).
@@ -120,6 +120,30 @@ def future_likelihood_scale(
     return torch.where(valid, advantages * (1.0 + bonus * scale), 0.0)
 
 
+def ppo_token_loss(
+    logprob: torch.Tensor,
+    old_logprob: torch.Tensor,
+    advantages: torch.Tensor,
+    valid: torch.Tensor,
+    *,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token dual-clip PPO loss ``L_t`` (module docstring), 0 outside the bool ``valid``, and
+    the clamped log-ratio ``logπ_θ − logπ_old`` it used (also 0 outside ``valid``). Unchecked:
+    ``policy_loss`` and trainer adapters (``appo.integrations``) validate first."""
+    # Mask before any arithmetic, so padding values (even NaN / -inf) reach neither loss nor grad.
+    log_ratio = torch.where(valid, logprob - old_logprob.detach(), 0.0)
+    log_ratio = log_ratio.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+    adv = torch.where(valid, advantages.detach(), 0.0)
+    ratio = log_ratio.exp()
+    token_loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high))
+    if dual_clip is not None:
+        token_loss = torch.where(adv < 0, torch.minimum(token_loss, -dual_clip * adv), token_loss)
+    return token_loss, log_ratio
+
+
 def policy_loss(
     logprob: torch.Tensor,
     old_logprob: torch.Tensor,
@@ -137,7 +161,7 @@ def policy_loss(
     kl_clamp: float | None = None,
     max_dual_clipped_per_row: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Dual-clip PPO loss with clip-higher, token-mean over the mask (module docstring, SPEC 2.7).
+    """Dual-clip PPO loss with clip-higher, token-mean over the mask (module docstring).
 
     Args:
         logprob: ``[B, T]`` log-probs of the taken tokens under the current policy (differentiable).
@@ -182,9 +206,15 @@ def policy_loss(
     if max_dual_clipped_per_row is not None:
         check_count("max_dual_clipped_per_row", max_dual_clipped_per_row)
 
-    # Mask before any arithmetic, so padding values (even NaN / -inf) reach neither loss nor grad.
-    log_ratio = torch.where(valid, logprob - old_logprob.detach(), 0.0)
-    log_ratio = log_ratio.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+    token_loss, log_ratio = ppo_token_loss(
+        logprob,
+        old_logprob,
+        advantages,
+        valid,
+        clip_low=clip_low,
+        clip_high=clip_high,
+        dual_clip=dual_clip,
+    )
     adv = torch.where(valid, advantages.detach(), 0.0)
     ratio = log_ratio.exp()
     dual_clipped = (adv < 0) & (ratio.detach() > (dual_clip or math.inf)) & valid
@@ -197,9 +227,6 @@ def policy_loss(
     count = (
         valid_count.clamp_min(1) if num_tokens is None else check_positive("num_tokens", num_tokens)
     )
-    token_loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high))
-    if dual_clip is not None:
-        token_loss = torch.where(adv < 0, torch.minimum(token_loss, -dual_clip * adv), token_loss)
     pg_loss = _masked_mean(token_loss, valid, count)
     loss = pg_loss
 

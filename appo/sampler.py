@@ -1,9 +1,9 @@
 """The behaviour policy: the weights the rollout engine samples with.
 
 APPO's future value Ω compares the trainer's log-probs with the behaviour log-probs of the policy
-that sampled (SPEC 2.3). If both are the same fp32 weights, Ω is 1 up to rounding and the
-branching score is z(H) times noise. Production samplers differ from the trainer in two ways, and
-both are available here:
+that sampled (docs/design.md, section 5). If both are the same fp32 weights, Ω is 1 up to
+rounding and the branching score is z(H) times noise. Production samplers differ from the
+trainer in two ways, and both are available here:
 
 * **reduced precision** (``dtype``): the sampler holds a bfloat16 copy of the weights, as an
   inference engine does while the trainer keeps fp32 (SmolLM2: logits differ by up to ~0.3);

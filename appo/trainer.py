@@ -1,5 +1,6 @@
-"""The APPO training loop (SPEC section 2), the GRPO and entropy-branching baselines in the same
-code, a cold-start fine-tune on demonstrations, and greedy held-out evaluation.
+"""The APPO training loop (docs/design.md, section 12), the GRPO and entropy-branching
+baselines in the same code, a cold-start fine-tune on demonstrations, and greedy held-out
+evaluation.
 
 One step over ``P`` prompts (``algo="appo"``), as :meth:`Trainer.step` reads:
 
@@ -43,11 +44,11 @@ from appo_kernels import (
     branching_score_from_stats,
     discounted_future_sum,
     future_value,
+    linear_token_stats,
     select_branch_points,
-    token_stats,
 )
-from appo_kernels._validation import check_count
 from appo_kernels.kv.hf import PagedCausalLM
+from appo_kernels.validation import check_count
 
 # KV-pool sizing: every sequence of a step (or of an evaluation batch) may hold the system turn,
 # a question of up to QUESTION_TOKENS, the policy's tokens and each tool call's observation
@@ -71,12 +72,6 @@ def policy_token_stats(model: torch.nn.Module, batch: RolloutBatch) -> TokenStat
     ).last_hidden_state[:, width - 1 : width - 1 + length]
     head = model.get_output_embeddings()
     return linear_token_stats(hidden, head.weight, batch.tokens, bias=head.bias)
-
-
-def linear_token_stats(hidden, weight, tokens, *, bias=None) -> TokenStats:
-    """Stand-in until ``appo_kernels.linear_token_stats`` lands on main (same values)."""
-    logits = torch.nn.functional.linear(hidden, weight, bias)
-    return token_stats(logits, tokens)
 
 
 def check_policy_model(model: torch.nn.Module) -> None:
@@ -399,7 +394,7 @@ class Trainer:
         return BranchPlan(pairs, score, bs.entropy, bs.future_value)
 
     def advantages(self, rollouts: list[Rollout], rewards: list[float]) -> torch.Tensor:
-        """Procedure-level token advantages ``[R, T]`` of every rollout (SPEC 2.5)."""
+        """Procedure-level token advantages ``[R, T]`` of every rollout (docs/design.md, 8)."""
         device = self.device
         return procedure_advantages(
             torch.tensor(rewards, device=device),

@@ -1,16 +1,17 @@
-"""Branching Score of every token (SPEC section 2.3): uncertainty times continuation gain.
+"""Branching Score of every token: uncertainty times continuation gain (APPO's branching rule).
 
-Per row, over its valid positions (mask nonzero):
+Per row, over its valid positions (mask nonzero)::
 
     z(v)_t = (v_t - mean(v)) / (std(v) + 1e-6)      population std; z = 0 at invalid positions
     BS_t   = z(H)_t * z(Omega)_t                     at valid positions, -inf elsewhere
 
-with H the token entropy and Omega the future value (``appo_kernels.future_value``). The mean and
-variance are corrected two-pass: a first mean m0, then sums of d = v - m0 and d^2 give
+with H the token entropy and Omega the future value (``appo_kernels.future_value``): a token
+scores high where the policy is uncertain and the continuation it led to has become more likely.
+The mean and variance are corrected two-pass: a first mean m0, then sums of d = v - m0 and d^2 give
 mean = m0 + sum(d)/n and var = sum(d^2)/n - (sum(d)/n)^2. That stays accurate when the spread is
 small next to the mean, and a constant row gets exactly z = 0 (e.g. every Omega clipped). A row
 with one valid position has std 0, so z = 0 and BS = 0 there; a row with none is all -inf. NaN at
-a valid position makes that row's scores NaN.
+a valid position makes that row's scores NaN. docs/design.md, "Branching Score", has the sources.
 
 ``branching_score`` = ``token_stats_forward`` on the logits + one row kernel for the rest (two
 launches on the Triton path).
@@ -22,23 +23,15 @@ from typing import NamedTuple
 
 import torch
 
-from appo_kernels._backend import HAS_TRITON, launch_device, use_triton
-from appo_kernels._validation import (
-    check_float,
-    check_fraction,
-    check_gamma,
-    check_mask,
-    check_ndim,
-    check_same_device,
-    check_shape,
-)
-from appo_kernels.discounted_future_sum import (
-    block_size,
-    rows_last_dim_contiguous,
+from appo_kernels._backend import HAS_TRITON, use_triton
+from appo_kernels._rows import (
+    check_log_ratio_inputs,
+    launch_row_kernel,
+    torch_reverse_scan,
     valid_mask,
 )
-from appo_kernels.future_value import check_log_ratio_inputs, future_value_torch
 from appo_kernels.token_stats import token_stats_forward
+from appo_kernels.validation import check_float, check_int64, check_same_device, check_shape
 
 STD_EPS = 1e-6  # added to the population std of a row
 
@@ -54,102 +47,119 @@ class BranchingScore(NamedTuple):
     z_future: torch.Tensor  # z(Omega), 0 at invalid positions
 
 
-if HAS_TRITON:  # the Triton kernels (CUDA tensors, or CPU through the interpreter)
+# --------------------------------------------------------------------------------------------
+# Triton kernel
+# --------------------------------------------------------------------------------------------
+
+if HAS_TRITON:  # CUDA tensors, or CPU tensors through Triton's interpreter
     import triton
     import triton.language as tl
 
-    from appo_kernels.future_value import future_value_block, load_log_ratio
+    from appo_kernels._rows import reverse_scan_row
 
     _STD_EPS = tl.constexpr(STD_EPS)
 
     @triton.jit
     def _load_scored(mask_ptr, entropy_ptr, omega_ptr, offs, T):
-        """(validity, H, Omega) at positions ``offs`` of one row (Omega as stored by pass 1)."""
+        """(validity, H, Omega) at positions ``offs`` of one row (Omega as stored by the scan)."""
         in_row = offs < T
         valid = tl.load(mask_ptr + offs, mask=in_row, other=0) != 0
         entropy = tl.load(entropy_ptr + offs, mask=in_row, other=0).to(tl.float32)
         return valid, entropy, tl.load(omega_ptr + offs, mask=in_row, other=0)
 
     @triton.jit
-    def _corrected_moments(rough_mean, deviations, squared_deviations, n):
-        """Corrected two-pass moments from the deviations d = v - rough_mean of the valid values:
-        mean = rough_mean + sum(d)/n, var = sum(d^2)/n - (sum(d)/n)^2.
+    def _row_sums(mask_ptr, entropy_ptr, omega_ptr, T, shift_entropy, shift_omega, BLOCK):
+        """Sums over the row's valid positions of d = H - shift_entropy and e = Omega -
+        shift_omega, of d^2 and e^2, and the valid count: (sum d, sum e, sum d^2, sum e^2, n)."""
+        sum_entropy = tl.zeros((BLOCK,), tl.float32)
+        sum_omega = tl.zeros((BLOCK,), tl.float32)
+        sq_entropy = tl.zeros((BLOCK,), tl.float32)
+        sq_omega = tl.zeros((BLOCK,), tl.float32)
+        count = tl.zeros((BLOCK,), tl.int32)
+        for start in range(0, T, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            valid, entropy, omega = _load_scored(mask_ptr, entropy_ptr, omega_ptr, offs, T)
+            d_entropy = tl.where(valid, entropy - shift_entropy, 0.0)
+            d_omega = tl.where(valid, omega - shift_omega, 0.0)
+            sum_entropy += d_entropy
+            sum_omega += d_omega
+            sq_entropy += d_entropy * d_entropy
+            sq_omega += d_omega * d_omega
+            count += valid.to(tl.int32)
+        return (
+            tl.sum(sum_entropy, axis=0),
+            tl.sum(sum_omega, axis=0),
+            tl.sum(sq_entropy, axis=0),
+            tl.sum(sq_omega, axis=0),
+            tl.sum(count, axis=0),
+        )
+
+    @triton.jit
+    def _corrected_moments(rough_mean, sum_deviation, sum_squared_deviation, n):
+        """Corrected two-pass moments from the sums of the deviations d = v - rough_mean of the
+        valid values: mean = rough_mean + sum(d)/n, var = sum(d^2)/n - (sum(d)/n)^2.
         Returns (mean, std + 1e-6)."""
-        correction = tl.sum(deviations, axis=0) / n
-        variance = tl.sum(squared_deviations, axis=0) / n - correction * correction
+        correction = sum_deviation / n
+        variance = sum_squared_deviation / n - correction * correction
         variance = tl.maximum(variance, 0.0, propagate_nan=tl.PropagateNan.ALL)
         return rough_mean + correction, tl.sqrt(variance) + _STD_EPS
 
     @triton.jit
     def _branching_score_kernel(
-        entropy_ptr,
-        logprob_ptr,
-        behavior_ptr,
-        mask_ptr,
-        score_ptr,
-        omega_ptr,
-        z_entropy_ptr,
-        z_omega_ptr,
+        entropy_ptr,  # [B, T] float16/bfloat16/float32 H, row stride stride_entropy
+        logprob_ptr,  # [B, T] float16/bfloat16/float32, row stride stride_logprob
+        behavior_ptr,  # [B, T] float16/bfloat16/float32, row stride stride_behavior
+        mask_ptr,  # [B, T] bool, nonzero = valid, row stride stride_mask
+        score_ptr,  # [B, T] float32 out: z(H) z(Omega), -inf off the mask
+        omega_ptr,  # [B, T] float32 out: Omega
+        z_entropy_ptr,  # [B, T] float32 out: z(H)
+        z_omega_ptr,  # [B, T] float32 out: z(Omega); the four outputs share stride_out
         T,
         stride_entropy,
         stride_logprob,
         stride_behavior,
         stride_mask,
         stride_out,
-        gamma,
-        clip,
-        BLOCK: tl.constexpr,
+        gamma,  # float32 discount in (0, 1]
+        clip,  # float32 clip epsilon in [0, 1)
+        BLOCK: tl.constexpr,  # positions per block
     ):
-        """One program per row, three passes over the row (see the module doc):
+        """One program per row, four passes over the row (see the module doc):
 
-        1. blocks from the end: Omega by the reverse scan (stored), sums of H and Omega, valid
-           count;
-        2. sums of the deviations from the pass-1 means and of their squares (corrected two-pass);
-        3. z-scores and the score.
+        1. Omega by the reverse scan (``reverse_scan_row``), stored;
+        2. sums of H and Omega over the valid positions and their count: rough means;
+        3. sums of the deviations from the rough means and of their squares (corrected two-pass);
+        4. z-scores and the score.
         """
         row = tl.program_id(0).to(tl.int64)
         entropy_ptr += row * stride_entropy
-        logprob_ptr += row * stride_logprob
-        behavior_ptr += row * stride_behavior
         mask_ptr += row * stride_mask
         score_ptr += row * stride_out
         omega_ptr += row * stride_out
         z_entropy_ptr += row * stride_out
         z_omega_ptr += row * stride_out
-        num_blocks = tl.cdiv(T, BLOCK)
+        reverse_scan_row(
+            logprob_ptr + row * stride_logprob,
+            behavior_ptr + row * stride_behavior,
+            mask_ptr,
+            omega_ptr,
+            T,
+            gamma,
+            clip,
+            True,
+            BLOCK,
+        )
+        tl.debug_barrier()  # the passes below read Omega that other threads of this program stored
 
-        carry = tl.zeros((), tl.float32)
-        sum_entropy = tl.zeros((BLOCK,), tl.float32)
-        sum_omega = tl.zeros((BLOCK,), tl.float32)
-        count = tl.zeros((BLOCK,), tl.int32)
-        for i in range(num_blocks):
-            offs = (num_blocks - 1 - i) * BLOCK + tl.arange(0, BLOCK)
-            in_row = offs < T
-            log_ratio, valid = load_log_ratio(logprob_ptr, behavior_ptr, mask_ptr, offs, in_row)
-            omega, carry = future_value_block(log_ratio, gamma, clip, carry)
-            tl.store(omega_ptr + offs, omega, mask=in_row)
-            entropy = tl.load(entropy_ptr + offs, mask=in_row, other=0).to(tl.float32)
-            sum_entropy += tl.where(valid, entropy, 0.0)
-            sum_omega += tl.where(valid, omega, 0.0)
-            count += valid.to(tl.int32)
-        n = tl.maximum(tl.sum(count, axis=0), 1).to(tl.float32)
-        rough_mean_entropy = tl.sum(sum_entropy, axis=0) / n
-        rough_mean_omega = tl.sum(sum_omega, axis=0) / n
-        tl.debug_barrier()  # pass 2 reads Omega that other threads of this program stored
-
-        dev_entropy = tl.zeros((BLOCK,), tl.float32)
-        dev_omega = tl.zeros((BLOCK,), tl.float32)
-        sq_entropy = tl.zeros((BLOCK,), tl.float32)
-        sq_omega = tl.zeros((BLOCK,), tl.float32)
-        for start in range(0, T, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            valid, entropy, omega = _load_scored(mask_ptr, entropy_ptr, omega_ptr, offs, T)
-            d_entropy = tl.where(valid, entropy - rough_mean_entropy, 0.0)
-            d_omega = tl.where(valid, omega - rough_mean_omega, 0.0)
-            dev_entropy += d_entropy
-            dev_omega += d_omega
-            sq_entropy += d_entropy * d_entropy
-            sq_omega += d_omega * d_omega
+        sum_entropy, sum_omega, _, _, count = _row_sums(
+            mask_ptr, entropy_ptr, omega_ptr, T, 0.0, 0.0, BLOCK
+        )
+        n = tl.maximum(count, 1).to(tl.float32)
+        rough_mean_entropy = sum_entropy / n
+        rough_mean_omega = sum_omega / n
+        dev_entropy, dev_omega, sq_entropy, sq_omega, _ = _row_sums(
+            mask_ptr, entropy_ptr, omega_ptr, T, rough_mean_entropy, rough_mean_omega, BLOCK
+        )
         mean_entropy, scale_entropy = _corrected_moments(
             rough_mean_entropy, dev_entropy, sq_entropy, n
         )
@@ -166,14 +176,38 @@ if HAS_TRITON:  # the Triton kernels (CUDA tensors, or CPU through the interpret
             tl.store(score_ptr + offs, score, mask=offs < T)
 
 
-def _row_z_score(values: torch.Tensor, mask: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """PyTorch path of z(v): corrected two-pass moments over each row's valid positions."""
+# --------------------------------------------------------------------------------------------
+# Launcher and PyTorch path
+# --------------------------------------------------------------------------------------------
+
+
+def _triton_branching_score(entropy, logprob, behavior_logprob, mask, gamma, clip):
+    inputs = (entropy, logprob, behavior_logprob, mask)
+    return launch_row_kernel(_branching_score_kernel, inputs, 4, gamma, clip)
+
+
+def _torch_z_score(values: torch.Tensor, mask: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """z(v) over each row's valid positions, by the same corrected two-pass moments."""
     rough_mean = torch.where(mask, values, 0.0).sum(dim=-1, keepdim=True) / count
     deviation = torch.where(mask, values - rough_mean, 0.0)
     correction = deviation.sum(dim=-1, keepdim=True) / count
     variance = deviation.square().sum(dim=-1, keepdim=True) / count - correction.square()
     scale = variance.clamp(min=0).sqrt() + STD_EPS
     return torch.where(mask, (values - (rough_mean + correction)) / scale, 0.0)
+
+
+def _torch_branching_score(entropy, logprob, behavior_logprob, mask, gamma, clip):
+    omega = torch_reverse_scan(logprob, mask, gamma, behavior_logprob, clip)
+    count = mask.sum(dim=-1, keepdim=True).clamp(min=1)
+    z_entropy = _torch_z_score(entropy.float(), mask, count)
+    z_omega = _torch_z_score(omega, mask, count)
+    score = torch.where(mask, z_entropy * z_omega, float("-inf"))
+    return score, omega, z_entropy, z_omega
+
+
+# --------------------------------------------------------------------------------------------
+# Custom op and public functions
+# --------------------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("appo_kernels::branching_score_from_stats", mutates_args=())
@@ -185,42 +219,11 @@ def _branching_score_op(
     gamma: float,
     clip: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (score, future_value, z_entropy, z_future)."""
-    if not use_triton(entropy.device):
-        omega = future_value_torch(logprob, behavior_logprob, mask, gamma, clip)
-        count = mask.sum(dim=-1, keepdim=True).clamp(min=1)
-        z_entropy = _row_z_score(entropy.float(), mask, count)
-        z_omega = _row_z_score(omega, mask, count)
-        score = torch.where(mask, z_entropy * z_omega, float("-inf"))
-        return score, omega, z_entropy, z_omega
-    B, T = entropy.shape
-    score, omega, z_entropy, z_omega = (
-        torch.empty((B, T), dtype=torch.float32, device=entropy.device) for _ in range(4)
-    )
-    if B > 0 and T > 0:
-        inputs = map(rows_last_dim_contiguous, (entropy, logprob, behavior_logprob, mask))
-        entropy, logprob, behavior_logprob, mask = inputs
-        with launch_device(score):
-            _branching_score_kernel[(B,)](
-                entropy,
-                logprob,
-                behavior_logprob,
-                mask,
-                score,
-                omega,
-                z_entropy,
-                z_omega,
-                T,
-                entropy.stride(0),
-                logprob.stride(0),
-                behavior_logprob.stride(0),
-                mask.stride(0),
-                score.stride(0),
-                gamma,
-                clip,
-                BLOCK=block_size(T),
-            )
-    return score, omega, z_entropy, z_omega
+    """[B, T] float statistics and bool mask, checked by the public functions. Returns
+    (score, future_value, z_entropy, z_future)."""
+    if use_triton(entropy.device):
+        return _triton_branching_score(entropy, logprob, behavior_logprob, mask, gamma, clip)
+    return _torch_branching_score(entropy, logprob, behavior_logprob, mask, gamma, clip)
 
 
 @_branching_score_op.register_fake
@@ -237,26 +240,57 @@ def branching_score_from_stats(
     gamma: float = 1.0,
     clip: float = 0.2,
 ) -> BranchingScore:
-    """Branching Score from per-token statistics already at hand (e.g. ``token_stats``).
+    """Branching Score from per-token statistics already at hand (e.g. from ``token_stats``).
 
-    Args:
-        entropy: [B, T] float, entropy of the current policy at each position.
-        logprob: [B, T] float, log-prob of the sampled token under the current policy.
-        behavior_logprob: [B, T] float, its log-prob under the policy that sampled the rollout.
-        mask: [B, T] bool/integer/floating; nonzero marks a valid (response) position.
-        gamma, clip: discount in (0, 1] and clip epsilon in [0, 1) of the future value.
+    Parameters
+    ----------
+    entropy : torch.Tensor
+        ``[B, T]`` float16, bfloat16 or float32 entropy H of the current policy at each
+        position. Any row stride.
+    logprob : torch.Tensor
+        ``[B, T]`` float log-prob of the sampled token under the current policy.
+    behavior_logprob : torch.Tensor
+        ``[B, T]`` float log-prob of the same token under the policy that sampled the rollout.
+    mask : torch.Tensor
+        ``[B, T]`` bool, integer or floating; nonzero marks a valid (response) position.
+    gamma : float
+        Discount in ``(0, 1]`` of the future value.
+    clip : float
+        Clip epsilon in ``[0, 1)`` of the future value.
 
-    Returns:
-        ``BranchingScore`` of float32 [B, T] tensors; ``entropy`` and ``logprob`` are the inputs
-        as float32. Not differentiable: scores rank positions, they are computed from detached
-        inputs.
+    Returns
+    -------
+    BranchingScore
+        ``(score, entropy, logprob, future_value, z_entropy, z_future)``, each ``[B, T]``
+        float32: ``score = z(H) z(Omega)`` at valid positions and ``-inf`` elsewhere; ``entropy``
+        and ``logprob`` are the inputs as float32; ``z_*`` are 0 at invalid positions.
+
+    Notes
+    -----
+    Not differentiable: scores rank positions, they are computed from detached inputs. z-scores
+    are per row (population std + 1e-6); a row with fewer than two valid positions scores 0 at
+    its valid position (if any). A NaN at a valid position makes its row's scores NaN; the
+    other rows are untouched. All tensors on one device.
+
+    Example
+    -------
+    >>> import torch
+    >>> import appo_kernels as ak
+    >>> entropy = torch.tensor([[0.5, 2.0, 1.0, 0.1]])
+    >>> logprob = torch.tensor([[-0.1, -1.0, -0.2, -0.3]])
+    >>> behavior = torch.tensor([[-0.1, -1.2, -0.2, -0.3]])
+    >>> out = ak.branching_score_from_stats(entropy, logprob, behavior, torch.ones(1, 4))
+    >>> out.future_value
+    tensor([[1.2000, 1.2000, 1.0000, 1.0000]])
+    >>> out.score
+    tensor([[-0.5629,  1.5479, -0.1407,  1.1257]])
     """
-    gamma, clip = check_log_ratio_inputs(logprob, behavior_logprob, mask, gamma, clip)
+    gamma, clip = check_log_ratio_inputs(
+        "logprob", logprob, "[B, T]", behavior_logprob, mask, gamma, clip
+    )
     check_float("entropy", entropy)
     check_shape("entropy", entropy, logprob.shape, "logprob")
-    check_same_device(
-        {"entropy": entropy, "logprob": logprob, "behavior_logprob": behavior_logprob, "mask": mask}
-    )
+    check_same_device({"entropy": entropy, "logprob": logprob})
     entropy, logprob = entropy.detach(), logprob.detach()
     score, omega, z_entropy, z_omega = _branching_score_op(
         entropy, logprob, behavior_logprob.detach(), valid_mask(mask.detach()), gamma, clip
@@ -279,24 +313,54 @@ def branching_score(
     ``token_stats_forward`` (one streaming pass over the vocabulary), then the per-row score
     kernel.
 
-    Args:
-        logits: [B, T, V] float16/bfloat16/float32 (last dim contiguous), logits that produced
-            position t's token ``tokens[:, t]``.
-        tokens: [B, T] integer sampled tokens; ``ignore_index`` (logprob 0) is allowed, e.g. at
-            padding.
-        behavior_logprob, mask, gamma, clip: as in ``branching_score_from_stats``.
-        temperature: sampling temperature > 0 applied to the logits.
-        ignore_index: token id that marks positions without a token (logprob 0 there).
+    Parameters
+    ----------
+    logits : torch.Tensor
+        ``[B, T, V]`` float16, bfloat16 or float32 logits; ``logits[:, t]`` produced the token
+        ``tokens[:, t]``. The last dimension must be contiguous for a copy-free read (a shifted
+        view such as ``logits[:, :-1]`` is read in place).
+    tokens : torch.Tensor
+        ``[B, T]`` integer sampled tokens in ``[0, V)``, or ``ignore_index`` (logprob 0 there,
+        e.g. at padding).
+    behavior_logprob : torch.Tensor
+        ``[B, T]`` float log-probs of ``tokens`` under the policy that sampled them.
+    mask : torch.Tensor
+        ``[B, T]`` bool, integer or floating; nonzero marks a valid (response) position.
+    temperature : float
+        Sampling temperature ``> 0``: statistics of ``softmax(logits / temperature)``.
+    gamma : float
+        Discount in ``(0, 1]`` of the future value.
+    clip : float
+        Clip epsilon in ``[0, 1)`` of the future value.
+    ignore_index : int
+        Token id that marks positions without a token.
+
+    Returns
+    -------
+    BranchingScore
+        As :func:`branching_score_from_stats`, with ``entropy`` and ``logprob`` computed from
+        ``logits``.
+
+    Notes
+    -----
+    Same as :func:`branching_score_from_stats`; nothing is recorded for autograd. Token ids
+    outside ``[0, V)`` other than ``ignore_index`` raise ``ValueError``.
+
+    Example
+    -------
+    >>> import torch
+    >>> import appo_kernels as ak
+    >>> logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 0.0, 0.0], [5.0, 0.0, 0.0]]])
+    >>> tokens = torch.tensor([[0, 1, 0]])
+    >>> behavior = torch.tensor([[-0.3, -1.0, -0.1]])
+    >>> out = ak.branching_score(logits, tokens, behavior, torch.ones(1, 3))
+    >>> out.entropy
+    tensor([[0.6656, 1.0986, 0.0799]])
+    >>> out.score
+    tensor([[ 0.0200, -1.5054, -1.4531]])
     """
-    check_float("logits", logits)
-    check_ndim("logits", logits, 3, "[B, T, V]")
-    check_float("behavior_logprob", behavior_logprob)
-    check_shape("behavior_logprob", behavior_logprob, logits.shape[:2], "logits.shape[:2]")
-    check_mask("mask", mask)
-    check_shape("mask", mask, logits.shape[:2], "logits.shape[:2]")
-    check_same_device({"logits": logits, "behavior_logprob": behavior_logprob, "mask": mask})
-    check_gamma("gamma", gamma)
-    check_fraction("clip", clip)
+    check_log_ratio_inputs("logits", logits, "[B, T, V]", behavior_logprob, mask, gamma, clip)
+    check_int64("ignore_index", ignore_index)
     # token_stats_forward checks tokens and temperature; it records nothing for autograd.
     stats = token_stats_forward(logits, tokens, temperature=temperature, ignore_index=ignore_index)
     return branching_score_from_stats(

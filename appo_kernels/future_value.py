@@ -1,106 +1,87 @@
-"""Future value of each token (SPEC section 2.3): the clipped likelihood gain of its continuation.
+"""Future value of each token: the clipped likelihood gain of the continuation that follows it.
+
+With ``w`` the mask (1 = valid), ``gamma`` in (0, 1] and ``clip`` = epsilon in [0, 1)::
 
     l_t     = logprob_t - behavior_logprob_t                       (valid positions; 0 elsewhere)
     G_t     = sum_{k>=t} gamma^(k-t) w_k l_k                       (discounted_future_sum of l)
     Omega_t = clip(exp(clamp(G_t, -20, 20)), 1 - clip, 1 + clip)
 
-NaN propagates: a NaN log-ratio at a valid position k makes Omega_t NaN for t <= k of its row.
+``l`` is the log-ratio between the current policy and the one that sampled the rollout, so
+``exp(G_t)`` is how much more likely the current policy makes the continuation after t (APPO,
+arXiv 2606.12384; docs/design.md, "Future value"). NaN propagates: a NaN log-ratio at a valid
+position k makes Omega_t NaN for t <= k of its row. The scan is ``appo_kernels._rows``'.
 """
 
 from __future__ import annotations
 
 import torch
 
-from appo_kernels._backend import HAS_TRITON, launch_device, use_triton
-from appo_kernels._validation import (
-    check_float,
-    check_fraction,
-    check_gamma,
-    check_mask,
-    check_ndim,
-    check_same_device,
-    check_shape,
-)
-from appo_kernels.discounted_future_sum import (
-    block_size,
-    reverse_discounted_sum_torch,
-    rows_last_dim_contiguous,
+from appo_kernels._backend import HAS_TRITON, use_triton
+from appo_kernels._rows import (
+    check_log_ratio_inputs,
+    launch_row_kernel,
+    torch_reverse_scan,
     valid_mask,
 )
 
-LOG_GAIN_LIMIT = 20.0  # |G| is clamped to this before exp
+# --------------------------------------------------------------------------------------------
+# Triton kernel
+# --------------------------------------------------------------------------------------------
 
-if HAS_TRITON:  # the Triton kernels (CUDA tensors, or CPU through the interpreter)
+if HAS_TRITON:  # CUDA tensors, or CPU tensors through Triton's interpreter
     import triton
     import triton.language as tl
 
-    from appo_kernels.discounted_future_sum import reverse_discounted_block
-
-    _LOG_GAIN_LIMIT = tl.constexpr(LOG_GAIN_LIMIT)
-
-    @triton.jit
-    def future_value_block(log_ratio, gamma, clip, carry):
-        """Omega over one block of masked log-ratios, given G after the block (see the module doc).
-
-        Returns (Omega, G at the block's first position) so that callers chain blocks from the
-        end.
-        """
-        gain, carry = reverse_discounted_block(log_ratio, gamma, carry)
-        gain = tl.clamp(gain, -_LOG_GAIN_LIMIT, _LOG_GAIN_LIMIT, propagate_nan=tl.PropagateNan.ALL)
-        omega = tl.clamp(tl.exp(gain), 1.0 - clip, 1.0 + clip, propagate_nan=tl.PropagateNan.ALL)
-        return omega, carry
-
-    @triton.jit
-    def load_log_ratio(logprob_ptr, behavior_ptr, mask_ptr, offs, in_row):
-        """(l_t with 0 at invalid positions, validity) for the positions ``offs`` of one row."""
-        valid = tl.load(mask_ptr + offs, mask=in_row, other=0) != 0
-        logprob = tl.load(logprob_ptr + offs, mask=in_row, other=0).to(tl.float32)
-        behavior = tl.load(behavior_ptr + offs, mask=in_row, other=0).to(tl.float32)
-        return tl.where(valid, logprob - behavior, 0.0), valid
+    from appo_kernels._rows import reverse_scan_row
 
     @triton.jit
     def _future_value_kernel(
-        logprob_ptr,
-        behavior_ptr,
-        mask_ptr,
-        out_ptr,
-        T,
+        logprob_ptr,  # [B, T] float16/bfloat16/float32, row stride stride_logprob
+        behavior_ptr,  # [B, T] float16/bfloat16/float32, row stride stride_behavior
+        mask_ptr,  # [B, T] bool w, row stride stride_mask
+        out_ptr,  # [B, T] float32 Omega, row stride stride_out
+        T,  # positions per row
         stride_logprob,
         stride_behavior,
         stride_mask,
         stride_out,
-        gamma,
-        clip,
-        BLOCK: tl.constexpr,
+        gamma,  # float32 discount in (0, 1]
+        clip,  # float32 clip epsilon in [0, 1)
+        BLOCK: tl.constexpr,  # positions per scan block, a power of two
     ):
-        """One program per row: blocks from the end of the row, carrying G between blocks."""
+        """One program per row: Omega of the row by ``reverse_scan_row``."""
         row = tl.program_id(0).to(tl.int64)
-        logprob_ptr += row * stride_logprob
-        behavior_ptr += row * stride_behavior
-        mask_ptr += row * stride_mask
-        out_ptr += row * stride_out
-        num_blocks = tl.cdiv(T, BLOCK)
-        carry = tl.zeros((), tl.float32)
-        for i in range(num_blocks):
-            offs = (num_blocks - 1 - i) * BLOCK + tl.arange(0, BLOCK)
-            in_row = offs < T
-            log_ratio, _ = load_log_ratio(logprob_ptr, behavior_ptr, mask_ptr, offs, in_row)
-            omega, carry = future_value_block(log_ratio, gamma, clip, carry)
-            tl.store(out_ptr + offs, omega, mask=in_row)
+        reverse_scan_row(
+            logprob_ptr + row * stride_logprob,
+            behavior_ptr + row * stride_behavior,
+            mask_ptr + row * stride_mask,
+            out_ptr + row * stride_out,
+            T,
+            gamma,
+            clip,
+            True,  # Omega of the log-ratios
+            BLOCK,
+        )
 
 
-def future_value_torch(
-    logprob: torch.Tensor,
-    behavior_logprob: torch.Tensor,
-    mask: torch.Tensor,
-    gamma: float,
-    clip: float,
-) -> torch.Tensor:
-    """PyTorch path: the same math on [B, T] tensors (``mask`` bool)."""
-    log_ratio = torch.where(mask, logprob.float() - behavior_logprob.float(), 0.0)
-    limit = LOG_GAIN_LIMIT
-    gain = reverse_discounted_sum_torch(log_ratio, gamma).clamp(-limit, limit)
-    return gain.exp().clamp(1.0 - clip, 1.0 + clip)
+# --------------------------------------------------------------------------------------------
+# Launcher and PyTorch path
+# --------------------------------------------------------------------------------------------
+
+
+def _triton_future_value(logprob, behavior_logprob, mask, gamma, clip):
+    inputs = (logprob, behavior_logprob, mask)
+    (out,) = launch_row_kernel(_future_value_kernel, inputs, 1, gamma, clip)
+    return out
+
+
+def _torch_future_value(logprob, behavior_logprob, mask, gamma, clip):
+    return torch_reverse_scan(logprob, mask, gamma, behavior_logprob, clip)
+
+
+# --------------------------------------------------------------------------------------------
+# Custom op and public function
+# --------------------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("appo_kernels::future_value", mutates_args=())
@@ -111,47 +92,15 @@ def _future_value_op(
     gamma: float,
     clip: float,
 ) -> torch.Tensor:
-    if not use_triton(logprob.device):
-        return future_value_torch(logprob, behavior_logprob, mask, gamma, clip)
-    B, T = logprob.shape
-    out = torch.empty((B, T), dtype=torch.float32, device=logprob.device)
-    if B == 0 or T == 0:
-        return out
-    inputs = map(rows_last_dim_contiguous, (logprob, behavior_logprob, mask))
-    logprob, behavior_logprob, mask = inputs
-    with launch_device(out):
-        _future_value_kernel[(B,)](
-            logprob,
-            behavior_logprob,
-            mask,
-            out,
-            T,
-            logprob.stride(0),
-            behavior_logprob.stride(0),
-            mask.stride(0),
-            out.stride(0),
-            gamma,
-            clip,
-            BLOCK=block_size(T),
-        )
-    return out
+    """[B, T] float log-probs and bool mask, checked by the public function."""
+    if use_triton(logprob.device):
+        return _triton_future_value(logprob, behavior_logprob, mask, gamma, clip)
+    return _torch_future_value(logprob, behavior_logprob, mask, gamma, clip)
 
 
 @_future_value_op.register_fake
 def _(logprob, behavior_logprob, mask, gamma, clip):
     return logprob.new_empty(logprob.shape, dtype=torch.float32)
-
-
-def check_log_ratio_inputs(logprob, behavior_logprob, mask, gamma, clip):
-    """Argument checks shared by ``future_value`` and ``branching_score_from_stats``; returns
-    (gamma, clip)."""
-    check_float("logprob", logprob)
-    check_ndim("logprob", logprob, 2, "[B, T]")
-    check_float("behavior_logprob", behavior_logprob)
-    check_shape("behavior_logprob", behavior_logprob, logprob.shape, "logprob")
-    check_mask("mask", mask)
-    check_shape("mask", mask, logprob.shape, "logprob")
-    return check_gamma("gamma", gamma), check_fraction("clip", clip)
 
 
 def future_value(
@@ -162,21 +111,47 @@ def future_value(
     gamma: float = 1.0,
     clip: float = 0.2,
 ) -> torch.Tensor:
-    """Clipped future likelihood gain ``Omega`` of every token (SPEC section 2.3).
+    """Clipped future likelihood gain ``Omega`` of every token.
 
-    Args:
-        logprob: [B, T] float, log-probs of the sampled tokens under the current policy.
-        behavior_logprob: [B, T] float, log-probs recorded by the policy that sampled them.
-        mask: [B, T] bool/integer/floating; nonzero marks a valid (response) position.
-        gamma: discount in (0, 1] over raw positions.
-        clip: epsilon in [0, 1); Omega lies in [1 - clip, 1 + clip].
+    Parameters
+    ----------
+    logprob : torch.Tensor
+        ``[B, T]`` float16, bfloat16 or float32 log-probs of the sampled tokens under the current
+        policy (e.g. ``token_stats(...).logprob``). Any row stride.
+    behavior_logprob : torch.Tensor
+        ``[B, T]`` float log-probs of the same tokens under the policy that sampled them (e.g.
+        recorded by the inference engine).
+    mask : torch.Tensor
+        ``[B, T]`` bool, integer or floating; nonzero marks a valid (response) position.
+    gamma : float
+        Discount in ``(0, 1]`` over raw positions.
+    clip : float
+        Epsilon in ``[0, 1)``; Omega lies in ``[1 - clip, 1 + clip]``.
 
-    Returns:
-        [B, T] float32 Omega (defined at every position). Not differentiable: a weight computed
-        from detached inputs.
+    Returns
+    -------
+    torch.Tensor
+        ``[B, T]`` float32 Omega, defined at every position (1 where no valid position follows
+        with a nonzero log-ratio, up to the clip).
+
+    Notes
+    -----
+    Not differentiable: Omega is a weight, computed from detached inputs. ``G`` is clamped to
+    ``[-20, 20]`` before ``exp``, so Omega is finite for any finite input; a ``-inf`` log-ratio
+    gives ``1 - clip`` at and before it, a NaN gives NaN there. All tensors on one device.
+
+    Example
+    -------
+    >>> import torch
+    >>> import appo_kernels as ak
+    >>> logprob = torch.tensor([[-1.0, -0.5, -2.0]])
+    >>> behavior = torch.tensor([[-1.1, -0.5, -1.9]])
+    >>> ak.future_value(logprob, behavior, torch.ones(1, 3), clip=0.2)
+    tensor([[1.0000, 0.9048, 0.9048]])
     """
-    gamma, clip = check_log_ratio_inputs(logprob, behavior_logprob, mask, gamma, clip)
-    check_same_device({"logprob": logprob, "behavior_logprob": behavior_logprob, "mask": mask})
+    gamma, clip = check_log_ratio_inputs(
+        "logprob", logprob, "[B, T]", behavior_logprob, mask, gamma, clip
+    )
     return _future_value_op(
         logprob.detach(), behavior_logprob.detach(), valid_mask(mask.detach()), gamma, clip
     )

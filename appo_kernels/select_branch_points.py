@@ -1,7 +1,8 @@
-"""Branch-point selection per prompt group (SPEC section 2.4).
+"""Branch-point selection per prompt group: the top ``budget`` positions of each group.
 
 A position (b, t) is a candidate when ``candidates[b, t]`` is set and ``score[b, t]`` is neither
--inf nor NaN. Within group g (the rows b with ``group_ids[b] == g``), candidates are ranked by
+-inf nor NaN. Within group g (the rows b with ``group_ids[b] == g``, e.g. all initial rollouts of
+one prompt, pooled), candidates are ranked by
 
     (tier desc, score desc, b asc, t asc),   tier = 1 if ``preferred[b, t]`` else 0
 
@@ -13,9 +14,10 @@ The Triton kernel packs the ranking into one sortable int64 per position,
 
     key = tier << 62 | (ordered score bits + 2^31) << 30 | (2^30 - 1 - (b * T + t))
 
-(``ordered score bits`` = the float32's bit pattern made monotone as a signed int32), so each of
-the ``budget`` rounds of a group is one arg-max over the keys below the previous pick. That needs
-``B * T <= 2^30`` positions.
+(``ordered score bits`` = the float32's bit pattern made monotone as a signed int32: negative
+floats have their 31 low bits flipped), so each of the ``budget`` rounds of a group is one arg-max
+over the keys below the previous pick. That needs ``B * T <= 2^30`` positions. docs/design.md,
+"Branch-point selection", has the details.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from typing import NamedTuple
 import torch
 
 from appo_kernels._backend import HAS_TRITON, launch_device, use_triton
-from appo_kernels._validation import (
+from appo_kernels._rows import block_size, rows_last_dim_contiguous
+from appo_kernels.validation import (
     capturing_cuda_graph,
     check_bool,
     check_count,
@@ -35,12 +38,13 @@ from appo_kernels._validation import (
     check_same_device,
     check_shape,
     min_max,
+    shown,
 )
-from appo_kernels.discounted_future_sum import block_size, rows_last_dim_contiguous
 
 INDEX_BITS = 30
 INDEX_MASK = (1 << INDEX_BITS) - 1  # also the largest flat index b * T + t
 TIER_BIT = 1 << 62
+MIN_SLOT_LIMIT = 1 << 16  # output slots (num_groups * budget) allowed whatever the batch size
 
 
 class BranchPoints(NamedTuple):
@@ -51,7 +55,11 @@ class BranchPoints(NamedTuple):
     scores: torch.Tensor  # float32 score at the pick; -inf when the group has no candidate
 
 
-if HAS_TRITON:  # the Triton kernels (CUDA tensors, or CPU through the interpreter)
+# --------------------------------------------------------------------------------------------
+# Triton kernel
+# --------------------------------------------------------------------------------------------
+
+if HAS_TRITON:  # CUDA tensors, or CPU tensors through Triton's interpreter
     import triton
     import triton.language as tl
 
@@ -61,9 +69,15 @@ if HAS_TRITON:  # the Triton kernels (CUDA tensors, or CPU through the interpret
 
     @triton.jit
     def _rank_keys(
-        score_ptr, candidates_ptr, preferred_ptr, row, T, offs, HAS_PREFERRED: tl.constexpr
+        score_ptr,  # [T] float16/bfloat16/float32 scores of row ``row``
+        candidates_ptr,  # [T] bool
+        preferred_ptr,  # [T] bool, read only if HAS_PREFERRED
+        row,  # int64 row index b
+        T,
+        offs,  # [BLOCK] positions t
+        HAS_PREFERRED: tl.constexpr,
     ):
-        """Packed ranking key of positions ``offs`` of ``row`` (module doc); -1 for
+        """Packed ranking key (int64, module doc) of positions ``offs`` of ``row``; -1 for
         non-candidates."""
         in_row = offs < T
         score = tl.load(score_ptr + offs, mask=in_row, other=float("-inf")).to(tl.float32)
@@ -81,21 +95,21 @@ if HAS_TRITON:  # the Triton kernels (CUDA tensors, or CPU through the interpret
 
     @triton.jit
     def _select_branch_points_kernel(
-        score_ptr,
-        candidates_ptr,
-        preferred_ptr,
-        group_ids_ptr,
-        rows_ptr,
-        positions_ptr,
-        scores_ptr,
+        score_ptr,  # [B, T] float16/bfloat16/float32, row stride stride_score
+        candidates_ptr,  # [B, T] bool, row stride stride_candidates
+        preferred_ptr,  # [B, T] bool, row stride stride_preferred (read only if HAS_PREFERRED)
+        group_ids_ptr,  # [B] int64 prompt group of each row
+        rows_ptr,  # [G, budget] int64 out: row of each pick, -1 for none
+        positions_ptr,  # [G, budget] int64 out: position of each pick, -1 for none
+        scores_ptr,  # [G, budget] float32 out: score of each pick, -inf for none
         B,
         T,
         stride_score,
         stride_candidates,
         stride_preferred,
-        budget,
+        budget,  # picks per group
         HAS_PREFERRED: tl.constexpr,
-        BLOCK: tl.constexpr,
+        BLOCK: tl.constexpr,  # positions per block, a power of two
     ):
         """One program per group, ``budget`` rounds. Round j takes the largest key below the
         previous pick over the group's rows; when none is left it wraps to the group's first
@@ -138,8 +152,44 @@ if HAS_TRITON:  # the Triton kernels (CUDA tensors, or CPU through the interpret
             tl.store(scores_ptr + out + slot, pick_score)
 
 
-def _select_torch(score, candidates, preferred, group_ids, num_groups, budget):
-    """PyTorch path: stable sorts from the last ranking key to the first, then per-group slots."""
+# --------------------------------------------------------------------------------------------
+# Launcher and PyTorch path
+# --------------------------------------------------------------------------------------------
+
+
+def _triton_select_branch_points(score, candidates, preferred, group_ids, num_groups, budget):
+    """One program per group; ``group_ids`` int64 in [0, num_groups), B * T > 0."""
+    B, T = score.shape
+    rows = torch.empty((num_groups, budget), dtype=torch.int64, device=score.device)
+    positions = torch.empty_like(rows)
+    scores = torch.empty((num_groups, budget), dtype=torch.float32, device=score.device)
+    has_preferred = preferred is not None
+    score, candidates = rows_last_dim_contiguous(score), rows_last_dim_contiguous(candidates)
+    # Without a preferred mask the kernel never reads its pointer; pass candidates in its place.
+    preferred = rows_last_dim_contiguous(preferred) if has_preferred else candidates
+    with launch_device(rows):
+        _select_branch_points_kernel[(num_groups,)](
+            score,
+            candidates,
+            preferred,
+            group_ids,
+            rows,
+            positions,
+            scores,
+            B,
+            T,
+            score.stride(0),
+            candidates.stride(0),
+            preferred.stride(0),
+            budget,
+            HAS_PREFERRED=has_preferred,
+            BLOCK=block_size(T),
+        )
+    return rows, positions, scores
+
+
+def _torch_select_branch_points(score, candidates, preferred, group_ids, num_groups, budget):
+    """Stable sorts from the last ranking key to the first, then per-group slots."""
     is_candidate = candidates & (score > float("-inf"))
     rows, positions = is_candidate.nonzero(as_tuple=True)  # (row, position) ascending
     values = score[rows, positions].float()
@@ -169,6 +219,24 @@ def _select_torch(score, candidates, preferred, group_ids, num_groups, budget):
     )
 
 
+def _check_output_size(num_groups: int, budget: int, B: int, T: int) -> None:
+    """The outputs hold ``num_groups * budget`` slots: at most ``max(B * T, MIN_SLOT_LIMIT)``,
+    since more slots than positions could only repeat picks. A stray budget cannot allocate an
+    absurd output (nor overflow the op's int64 arguments)."""
+    limit, groups = max(B * T, MIN_SLOT_LIMIT), max(num_groups, 1)
+    if groups * budget > limit:
+        raise ValueError(
+            f"budget must be <= {limit // groups} for {groups} group(s): the outputs hold "
+            f"num_groups * budget slots, at most max(B * T, {MIN_SLOT_LIMIT}) = {limit} (more "
+            f"slots than positions could only repeat picks), got {shown(budget)}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Custom op and public function
+# --------------------------------------------------------------------------------------------
+
+
 @torch.library.custom_op("appo_kernels::select_branch_points", mutates_args=())
 def _select_branch_points_op(
     score: torch.Tensor,
@@ -178,14 +246,21 @@ def _select_branch_points_op(
     num_groups: int,
     budget: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``num_groups = -1``: ``group_ids.max() + 1`` (0 for an empty batch)."""
+    """Tensors checked by the public function; ``num_groups = -1``: ``group_ids.max() + 1``
+    (0 for an empty batch)."""
     B, T = score.shape
     # The range check reads group_ids on the host; under CUDA-graph capture (num_groups given)
     # it is skipped: the kernel only compares ids, so an out-of-range id selects nothing.
     if B > 0 and not (num_groups >= 0 and capturing_cuda_graph(group_ids)):
         low, high = min_max(group_ids)
         if num_groups < 0:
+            if high >= B:
+                raise ValueError(
+                    f"group_ids must lie in [0, B={B}) (a prompt group is a set of rows of "
+                    f"score) when num_groups is not given, got values up to {high}"
+                )
             num_groups = high + 1
+            _check_output_size(num_groups, budget, B, T)
         if low < 0 or high >= num_groups:
             raise ValueError(
                 f"group_ids must lie in [0, num_groups={num_groups}), got values in [{low}, {high}]"
@@ -196,34 +271,11 @@ def _select_branch_points_op(
         scores = torch.full((num_groups, budget), float("-inf"), device=score.device)
         return rows, rows.clone(), scores
     group_ids = group_ids.long()
-    if not use_triton(score.device):
-        return _select_torch(score, candidates, preferred, group_ids, num_groups, budget)
-    rows = torch.empty((num_groups, budget), dtype=torch.int64, device=score.device)
-    positions = torch.empty_like(rows)
-    scores = torch.empty((num_groups, budget), dtype=torch.float32, device=score.device)
-    has_preferred = preferred is not None
-    score, candidates = rows_last_dim_contiguous(score), rows_last_dim_contiguous(candidates)
-    # Without a preferred mask the kernel never reads its pointer; pass candidates in its place.
-    preferred = rows_last_dim_contiguous(preferred) if has_preferred else candidates
-    with launch_device(rows):
-        _select_branch_points_kernel[(num_groups,)](
-            score,
-            candidates,
-            preferred,
-            group_ids,
-            rows,
-            positions,
-            scores,
-            B,
-            T,
-            score.stride(0),
-            candidates.stride(0),
-            preferred.stride(0),
-            budget,
-            HAS_PREFERRED=has_preferred,
-            BLOCK=block_size(T),
-        )
-    return rows, positions, scores
+    if use_triton(score.device):
+        select = _triton_select_branch_points
+    else:
+        select = _torch_select_branch_points
+    return select(score, candidates, preferred, group_ids, num_groups, budget)
 
 
 @_select_branch_points_op.register_fake
@@ -243,23 +295,51 @@ def select_branch_points(
     preferred: torch.Tensor | None = None,
     num_groups: int | None = None,
 ) -> BranchPoints:
-    """Top-``budget`` branch points of each prompt group (module doc has the exact ranking).
+    """Top-``budget`` branch points of each prompt group (the module doc has the exact ranking).
 
-    Args:
-        score: [B, T] float branching scores (e.g. ``BranchingScore.score``); -inf/NaN positions
-            are never chosen.
-        candidates: [B, T] bool, positions the caller allows (response tokens that are not tool
-            output, padding or whitespace).
-        group_ids: [B] integer prompt group of each row, in [0, num_groups). Rows of a group need
-            not be contiguous.
-        budget: int >= 1, branch points per group.
-        preferred: [B, T] bool or None; preferred candidates (e.g. ``z_entropy > 0`` and
-            ``z_future > 0``) rank before all others. None: a single tier.
-        num_groups: G; default ``group_ids.max() + 1`` (reads group_ids on the host; pass it to
-            avoid that sync and to give ``torch.compile`` a static shape).
+    Parameters
+    ----------
+    score : torch.Tensor
+        ``[B, T]`` float16, bfloat16 or float32 branching scores (e.g.
+        ``BranchingScore.score``); ``-inf`` and NaN positions are never chosen. Any row stride.
+    candidates : torch.Tensor
+        ``[B, T]`` bool: positions the caller allows (response tokens that are not tool output,
+        padding or whitespace).
+    group_ids : torch.Tensor
+        ``[B]`` integer prompt group of each row, in ``[0, num_groups)``. Rows of a group need not
+        be contiguous.
+    budget : int
+        Branch points per group, ``>= 1``.
+    preferred : torch.Tensor or None
+        ``[B, T]`` bool; preferred candidates (e.g. ``z_entropy > 0`` and ``z_future > 0``) rank
+        before all others. None: a single tier.
+    num_groups : int or None
+        G; default ``group_ids.max() + 1`` (reads ``group_ids`` on the host; pass it to avoid
+        that sync and to give ``torch.compile`` a static shape).
 
-    Returns:
-        ``BranchPoints(rows, positions, scores)``, each [G, budget] (int64, int64, float32).
+    Returns
+    -------
+    BranchPoints
+        ``(rows, positions, scores)``, each ``[G, budget]`` (int64, int64, float32): slot ``j``
+        of group ``g`` is its ``j``-th pick; ``-1, -1, -inf`` for a group without candidates.
+
+    Notes
+    -----
+    Deterministic: ties break by (row, position) ascending. A group with fewer candidates than
+    ``budget`` repeats its picks in rank order. Bounds that keep a stray value from allocating
+    absurd outputs: ``B * T <= 2^30``, ``num_groups <= B`` (a prompt group is a set of rows; so
+    are the group ids when ``num_groups`` is left out), and ``num_groups * budget <= max(B * T,
+    65536)`` output slots. All tensors on one device.
+
+    Example
+    -------
+    >>> import torch
+    >>> import appo_kernels as ak
+    >>> score = torch.tensor([[0.5, 2.0, -1.0], [3.0, float("-inf"), 1.0]])
+    >>> candidates = torch.ones(2, 3, dtype=torch.bool)
+    >>> points = ak.select_branch_points(score, candidates, torch.tensor([0, 0]), budget=2)
+    >>> points.rows, points.positions
+    (tensor([[1, 0]]), tensor([[0, 1]]))
     """
     check_float("score", score)
     check_ndim("score", score, 2, "[B, T]")
@@ -273,10 +353,20 @@ def select_branch_points(
     check_same_device(
         {"score": score, "candidates": candidates, "preferred": preferred, "group_ids": group_ids}
     )
+    B, T = score.shape
+    if B * T > INDEX_MASK + 1:
+        raise ValueError(f"score must have at most 2^30 positions, got {B * T}")
     budget = check_count("budget", budget, minimum=1)
-    num_groups = -1 if num_groups is None else check_count("num_groups", num_groups)
-    if score.numel() > INDEX_MASK + 1:
-        raise ValueError(f"score must have at most 2^30 positions, got {score.numel()}")
+    if num_groups is None:
+        if score.device.type == "meta":
+            raise ValueError("num_groups must be given for meta tensors (group_ids hold no values)")
+        num_groups = -1  # the op reads group_ids.max() + 1
+    elif check_count("num_groups", num_groups) > B:
+        raise ValueError(
+            f"num_groups must be <= B={B}, the number of rows of score (a prompt group is a set "
+            f"of rows), got {shown(num_groups)}"
+        )
+    _check_output_size(num_groups, budget, B, T)
     rows, positions, scores = _select_branch_points_op(
         score.detach(), candidates, preferred, group_ids, num_groups, budget
     )

@@ -1,44 +1,42 @@
 """Token statistics: log-probability of the sampled token and full-vocabulary entropy.
 
 For a row of logits ``x`` (``V`` entries), sampled token ``y`` and temperature ``tau``, with
-``z = x / tau`` (SPEC section 2.1)::
+``z = x / tau``::
 
     lse     = log sum_j exp(z_j)
     logprob = z_y - lse                          (0 where y == ignore_index)
     entropy = lse - sum_j p_j z_j,  p = softmax(z)
 
-All statistics are float32 whatever the logits dtype. Everything is computed in one streaming
-pass over the vocabulary that keeps, per row, the running max ``m``, ``s = sum exp(z - m)`` and
-``a = sum (z - m) exp(z - m)``; then ``lse = m + log s`` and ``entropy = log s - a / s``. Nothing of
-size [N, V] is stored: backward re-reads the logits once and writes the gradient.
+All statistics are float32 whatever the logits dtype. One streaming pass over the vocabulary keeps,
+per row, the running maximum ``m`` of the raw logits and, with ``d_j = (x_j - m) / tau``,
+``s = sum_j e^(d_j)`` and ``a = sum_j d_j e^(d_j)``; then ``log s`` and ``entropy = log s - a / s``.
+When ``m`` grows to ``m'``, with ``delta = (m - m') / tau`` and ``c = e^delta``:
+``s <- c s`` and ``a <- c (a + delta s)``. Scaling the *difference* ``x - m`` by ``1 / tau`` (rather
+than ``x`` itself) keeps every term finite for any temperature in the accepted range, so
+``temperature=1e-30`` gives the argmax distribution rather than ``inf - inf``. A ``-inf`` logit
+(masked vocabulary entry) adds 0 to both sums. Nothing of size ``[N, V]`` is stored: the op saves
+``m`` and ``log s`` per row, and backward re-reads the logits once and writes the gradient::
 
-Entry points
-------------
-``token_stats(logits, tokens, *, temperature=1.0, ignore_index=-100) -> TokenStats``
-    The public, differentiable op: ``TokenStats(logprob, entropy)``, float32 ``logits.shape[:-1]``.
-``token_stats_forward(logits, tokens, *, temperature=1.0, ignore_index=-100)
-        -> TokenStatsForward``
-    For callers that only need forward statistics (e.g. ``branching_score``):
-    ``TokenStatsForward(logprob, entropy, lse)``, computed without recording anything for autograd
-    (the outputs never require grad).
+    dL/dx_j = (1/tau) [g_lp (1[j = y] - p_j) - g_H p_j (d_j - log s + H)],  p_j = e^(d_j - log s)
 
 Layout: ``logits`` is ``[..., V]`` with a contiguous last dimension. The leading dimensions are
-read in place when they collapse into at most two strided levels, so ``logits[:, :-1]`` of a
-``[B, T, V]`` tensor costs no copy (row ``r`` lives at
-``(r // T) * stride_0 + (r % T) * stride_1``).
-A copy is made only when no such view exists or when the last dimension is not contiguous.
+read in place when they collapse into at most two strided levels ("outer" and "inner" rows), so
+``logits[:, :-1]`` of a ``[B, T, V]`` tensor costs no copy: row ``r`` lives at
+``(r // T1) * stride_outer + (r % T1) * stride_inner`` with ``T1`` the inner row count. A copy is
+made only when no such view exists or when the last dimension is not contiguous.
 
 Backends: CUDA tensors run the Triton kernels below; CPU tensors run a chunked PyTorch path of the
-same math (extra memory bounded by a few MB per chunk, independent of N * V);
+same math (a few MB of working space per chunk, independent of N * V);
 ``APPO_KERNELS_BACKEND=triton|torch`` forces one (on CPU, ``triton`` means Triton's interpreter).
-Both are behind the ``torch.library`` custom ops ``appo_kernels::token_stats_fwd`` and
+Both sit behind the ``torch.library`` custom ops ``appo_kernels::token_stats_fwd`` and
 ``appo_kernels::token_stats_bwd``, so ``torch.compile(fullgraph=True)`` and CUDA graphs capture
-them.
+them. ``linear_token_stats`` (hidden states and the LM head) reuses the row-level launchers.
 
 Bad input: token ids outside ``[0, V)`` other than ``ignore_index`` raise ``ValueError`` (checked
 with one reduction, skipped while a CUDA graph is being captured; the kernels never read out of
 bounds and give NaN log-probs for such ids). A NaN in a row gives NaN in that row only. A row
-whose logits are all ``-inf`` has no distribution and gives NaN.
+whose logits are all ``-inf`` has no distribution and gives NaN. The temperature must lie in
+``[1e-30, 1e30]`` (so that ``1 / tau`` is a normal float32).
 """
 
 from __future__ import annotations
@@ -47,7 +45,7 @@ from typing import NamedTuple
 
 import torch
 
-from appo_kernels import _validation
+from appo_kernels import validation
 from appo_kernels._backend import HAS_TRITON, launch_device, use_triton
 
 if HAS_TRITON:
@@ -66,13 +64,391 @@ class TokenStatsForward(NamedTuple):
     lse: torch.Tensor
 
 
+TEMPERATURE_RANGE = (1e-30, 1e30)
+
 # --------------------------------------------------------------------------------------------
-# Row layout: logits [..., V] as (outer, inner) strided rows
+# Triton kernels
 # --------------------------------------------------------------------------------------------
+
+# fmt: off
+# (kernel signatures are kept one argument group per line, with their shapes beside them)
+if HAS_TRITON:
+    NEG_INF = tl.constexpr(float("-inf"))
+
+    @triton.jit
+    def _row_offset(row, T1, stride_outer, stride_inner):
+        """Element offset (int64) of row ``row`` = (row // T1, row % T1) of the [R, T1, V] view."""
+        row = row.to(tl.int64)
+        return (row // T1) * stride_outer + (row % T1) * stride_inner
+
+    @triton.jit
+    def _rebase(m, s, a, new_max, inv_temp):
+        """Re-expresses partial states (m, s, a) relative to the maximum ``new_max`` >= m.
+
+        With delta = (m - new_max) / tau and c = e^delta: s' = c s and a' = c (a + delta s). An
+        empty partial (m = -inf, s = a = 0) gives (0, 0); the guard keeps 0 * (-inf) out of the
+        sums: a term whose weight c underflowed to 0 contributes 0. With ``s = 1, a = 0`` this
+        turns raw logits x into their terms e^d and d e^d.
+        """
+        shift = tl.where(new_max == NEG_INF, 0.0, new_max)
+        delta = (m - shift) * inv_temp
+        c = tl.exp(delta)
+        return c * s, tl.where(c == 0.0, 0.0, c * (a + delta * s))
+
+    @triton.jit
+    def _store_row_stats(row, m, s, a, x_row, tokens_ptr, logprob_ptr, entropy_ptr, row_max_ptr,
+                         log_sum_ptr, V, inv_temp, ignore_index):
+        """entropy = log s - a / s, logprob = (x_y - m) / tau - log s (one scalar load of
+        x[row, y]; 0 for ignore_index, NaN for an id outside [0, V), never read out of bounds);
+        m and log s are kept for the backward pass."""
+        log_s = tl.log(s)
+        y = tl.load(tokens_ptr + row).to(tl.int64)
+        in_range = (y >= 0) & (y < V)
+        x_y = tl.load(x_row + y, mask=in_range, other=0.0).to(tl.float32)
+        logprob = tl.where(in_range, (x_y - m) * inv_temp - log_s, float("nan"))
+        logprob = tl.where(y == ignore_index, 0.0, logprob)
+        tl.store(row_max_ptr + row, m)
+        tl.store(log_sum_ptr + row, log_s)
+        tl.store(entropy_ptr + row, log_s - a / s)
+        tl.store(logprob_ptr + row, logprob)
+
+    @triton.jit
+    def _token_stats_fwd_kernel(
+        x_ptr,  # [R, T1, V] logits (fp16/bf16/fp32), strided rows, contiguous vocabulary
+        tokens_ptr,  # [N] int64 sampled ids, N = R * T1
+        logprob_ptr, entropy_ptr,  # [N] float32 out
+        row_max_ptr,  # [N] float32 out: max_j x_j (raw logits)
+        log_sum_ptr,  # [N] float32 out: log sum_j e^((x_j - max) / tau)
+        part_m_ptr, part_s_ptr, part_a_ptr,  # [N, splits] float32 partial states (when SPLIT)
+        V, T1, stride_outer, stride_inner,  # row layout: module docstring
+        cols_per_split,  # vocabulary columns of one program (a multiple of BLOCK_V)
+        inv_temp, ignore_index,
+        BLOCK_V: tl.constexpr, SPLIT: tl.constexpr,
+    ):
+        """Program (row, split) streams columns [split * cols_per_split, ...) of one row in
+        BLOCK_V chunks. It keeps the running maximum m as a scalar and the sums s, a as BLOCK_V-wide
+        vectors (one lane per column slot), so each chunk costs one block reduction (its maximum)
+        and the vectors are rescaled only in the rare chunks that raise m; the lanes are summed once
+        at the end. The next chunk is loaded before the current one is reduced, so a load is in
+        flight while the program waits on the reduction. Without a split it writes the row's
+        statistics; with one it writes the partial (m, s, a) for the merge kernel."""
+        row = tl.program_id(0)
+        split = tl.program_id(1)
+        x_row = x_ptr + _row_offset(row, T1, stride_outer, stride_inner)
+        col_begin = split * cols_per_split
+        col_end = tl.minimum(col_begin + cols_per_split, V)
+        m = tl.full([], NEG_INF, tl.float32)
+        s_lanes = tl.zeros([BLOCK_V], tl.float32)
+        a_lanes = tl.zeros([BLOCK_V], tl.float32)
+        cols = col_begin + tl.arange(0, BLOCK_V)
+        x_next = tl.load(x_row + cols, mask=cols < V, other=NEG_INF)
+        for start in range(col_begin, col_end, BLOCK_V):
+            x = x_next.to(tl.float32)
+            cols = start + BLOCK_V + tl.arange(0, BLOCK_V)
+            x_next = tl.load(x_row + cols, mask=cols < V, other=NEG_INF)
+            chunk_max = tl.max(x, axis=0)
+            if chunk_max > m:
+                s_lanes, a_lanes = _rebase(m, s_lanes, a_lanes, chunk_max, inv_temp)
+                m = chunk_max
+            e, de = _rebase(x, 1.0, 0.0, m, inv_temp)
+            s_lanes += e
+            a_lanes += de
+        s = tl.sum(s_lanes, axis=0)
+        a = tl.sum(a_lanes, axis=0)
+        if SPLIT:
+            part = row.to(tl.int64) * tl.num_programs(1) + split
+            tl.store(part_m_ptr + part, m)
+            tl.store(part_s_ptr + part, s)
+            tl.store(part_a_ptr + part, a)
+        else:
+            _store_row_stats(row, m, s, a, x_row, tokens_ptr, logprob_ptr, entropy_ptr,
+                             row_max_ptr, log_sum_ptr, V, inv_temp, ignore_index)
+
+    @triton.jit
+    def _token_stats_merge_kernel(
+        x_ptr, tokens_ptr, logprob_ptr, entropy_ptr, row_max_ptr, log_sum_ptr,  # as forward
+        part_m_ptr, part_s_ptr, part_a_ptr,  # [N, num_splits] float32 partial states
+        V, T1, stride_outer, stride_inner, num_splits, inv_temp, ignore_index,
+        SPLITS_POW2: tl.constexpr,
+    ):
+        """Merges a row's partials: M = max m_i, then each (s_i, a_i) is rebased to M and
+        summed; then writes the row's statistics."""
+        row = tl.program_id(0)
+        idx = tl.arange(0, SPLITS_POW2)
+        mask = idx < num_splits
+        part = row.to(tl.int64) * num_splits + idx
+        m_i = tl.load(part_m_ptr + part, mask=mask, other=NEG_INF)
+        s_i = tl.load(part_s_ptr + part, mask=mask, other=0.0)
+        a_i = tl.load(part_a_ptr + part, mask=mask, other=0.0)
+        m = tl.max(m_i, axis=0)
+        s_i, a_i = _rebase(m_i, s_i, a_i, m, inv_temp)
+        x_row = x_ptr + _row_offset(row, T1, stride_outer, stride_inner)
+        _store_row_stats(row, m, tl.sum(s_i, axis=0), tl.sum(a_i, axis=0), x_row, tokens_ptr,
+                         logprob_ptr, entropy_ptr, row_max_ptr, log_sum_ptr, V, inv_temp,
+                         ignore_index)
+
+    @triton.jit
+    def _token_stats_bwd_kernel(
+        x_ptr,  # [R, T1, V] logits, as forward
+        tokens_ptr,  # [N] int64
+        row_max_ptr, log_sum_ptr, entropy_ptr,  # [N] float32 saved by the forward pass
+        grad_logprob_ptr, grad_entropy_ptr,  # [N] float32 upstream gradients (when HAS_*)
+        dx_ptr,  # [N, V] out, logits dtype, contiguous; may be x_ptr itself (in place)
+        V, T1, stride_outer, stride_inner, cols_per_split, inv_temp, ignore_index,
+        HAS_GRAD_LOGPROB: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        """dx_j = (1/tau) [g_lp (1[j = y] - p_j) - g_H p_j (d_j - log s + H)] with
+        d_j = (x_j - m) / tau and p_j = e^(d_j - log s); program (row, split) streams its
+        columns once (read x, write dx). Each element is read before it is written, so dx may
+        alias x."""
+        row = tl.program_id(0)
+        split = tl.program_id(1)
+        x_row = x_ptr + _row_offset(row, T1, stride_outer, stride_inner)
+        dx_row = dx_ptr + row.to(tl.int64) * V
+        m = tl.load(row_max_ptr + row)
+        log_s = tl.load(log_sum_ptr + row)
+        entropy = tl.load(entropy_ptr + row)
+        y = tl.load(tokens_ptr + row).to(tl.int64)
+        if HAS_GRAD_LOGPROB:
+            g_lp = tl.load(grad_logprob_ptr + row)
+            g_lp = tl.where(y == ignore_index, 0.0, g_lp)
+        else:
+            g_lp = 0.0
+        if HAS_GRAD_ENTROPY:
+            g_h = tl.load(grad_entropy_ptr + row)
+        else:
+            g_h = 0.0
+        col_begin = split * cols_per_split
+        col_end = tl.minimum(col_begin + cols_per_split, V)
+        for start in range(col_begin, col_end, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            mask = cols < V
+            x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+            centred = (x - m) * inv_temp - log_s  # log p_j
+            p = tl.exp(centred)
+            centred = tl.where(p == 0.0, 0.0, centred + entropy)  # no 0 * (-inf)
+            dz = tl.where(cols == y, g_lp, 0.0) - p * (g_lp + g_h * centred)
+            tl.store(dx_row + cols, (dz * inv_temp).to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# fmt: on
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+# Per program: warps and 16-byte loads per thread for long rows, from an H200 sweep
+# (bench/results/token_stats_forward_sweep_nvidia_h200.md). The forward pass reduces each chunk
+# across the program and prefetches the next chunk into registers: small programs (2 warps, one
+# load per thread and chunk) are fastest. The backward pass (no reductions, read + write) runs at
+# ~95% of the copy bandwidth with 8 warps and two loads per thread.
+FORWARD = (2, 1)
+BACKWARD = (8, 2)
+_WARPS_PER_SM = 32  # below this many warps per SM (N rows of `warps` each), the vocabulary is split
+_MIN_BLOCKS_PER_SPLIT = 4  # a vocabulary split streams at least this many chunks
+_MAX_SPLITS = 128
+
+
+class _LaunchConfig(NamedTuple):
+    block_v: int
+    num_warps: int
+    num_splits: int
+    cols_per_split: int
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _launch_config(
+    n_rows: int,
+    vocab: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    block_v: int = 0,
+    num_splits: int = 0,
+    shape: tuple[int, int] = FORWARD,
+) -> _LaunchConfig:
+    """Chunk size, warps and vocabulary splits for a [n_rows, vocab] launch (0 = choose).
+
+    ``shape`` = (warps, 16-byte loads per thread): a chunk is ``warps * 32 * loads * 16 / itemsize``
+    columns (the forward's (2, 1): 512 bf16/fp16 or 256 fp32 columns), capped by the row length.
+    Rows split into several programs only on CUDA when fewer than 32 warps per SM would run and
+    each split keeps >= 4 chunks; off-GPU (the interpreter) the split count is 1 unless forced.
+    """
+    warps, loads = shape
+    if block_v == 0:
+        block_v = min(triton.next_power_of_2(vocab), warps * 32 * loads * 16 // dtype.itemsize)
+    num_warps = max(1, min(warps, block_v * dtype.itemsize // (32 * 16 * loads)))
+    n_blocks = triton.cdiv(vocab, block_v)
+    if num_splits == 0:
+        num_splits = 1
+        if device.type == "cuda":
+            programs = _WARPS_PER_SM // num_warps * _sm_count(device)
+            wanted = triton.cdiv(programs, max(n_rows, 1))
+            num_splits = max(1, min(wanted, n_blocks // _MIN_BLOCKS_PER_SPLIT, _MAX_SPLITS))
+    cols_per_split = triton.cdiv(n_blocks, min(num_splits, n_blocks)) * block_v
+    return _LaunchConfig(block_v, num_warps, triton.cdiv(vocab, cols_per_split), cols_per_split)
+
+
+def _kernel_rows(rows: torch.Tensor) -> tuple[int, int, int]:
+    """(T1, stride_outer, stride_inner) of a [R, T1, V] row view, with T1 = 1 for one level."""
+    outer, inner, _ = rows.shape
+    if outer == 1:
+        return 1, rows.stride(1), 0
+    return inner, rows.stride(0), rows.stride(1)
+
+
+def _triton_forward(rows, tokens, temperature, ignore_index, block_v, num_splits):
+    outer, inner, vocab = rows.shape
+    n_rows = outer * inner
+    cfg = _launch_config(n_rows, vocab, rows.dtype, rows.device, block_v, num_splits)
+    T1, stride_outer, stride_inner = _kernel_rows(rows)
+    logprob, entropy, row_max, log_sum = _empty_stats((n_rows,), rows.device)
+    split = cfg.num_splits > 1
+    parts = torch.empty(
+        (3, n_rows * cfg.num_splits if split else 1), device=rows.device, dtype=torch.float32
+    )
+    with launch_device(rows):
+        _token_stats_fwd_kernel[(n_rows, cfg.num_splits)](
+            rows, tokens, logprob, entropy, row_max, log_sum, parts[0], parts[1], parts[2],
+            vocab, T1, stride_outer, stride_inner, cfg.cols_per_split, 1.0 / temperature,
+            ignore_index, BLOCK_V=cfg.block_v, SPLIT=split, num_warps=cfg.num_warps,
+        )  # fmt: skip
+        if split:
+            _token_stats_merge_kernel[(n_rows,)](
+                rows, tokens, logprob, entropy, row_max, log_sum, parts[0], parts[1], parts[2],
+                vocab, T1, stride_outer, stride_inner, cfg.num_splits, 1.0 / temperature,
+                ignore_index, SPLITS_POW2=triton.next_power_of_2(cfg.num_splits), num_warps=1,
+            )  # fmt: skip
+    return logprob, entropy, row_max, log_sum
+
+
+def _triton_backward(rows, tokens, row_max, log_sum, entropy, grad_logprob, grad_entropy,
+                     temperature, ignore_index, block_v, num_splits, out):  # fmt: skip
+    outer, inner, vocab = rows.shape
+    cfg = _launch_config(
+        outer * inner, vocab, rows.dtype, rows.device, block_v, num_splits, BACKWARD
+    )
+    T1, stride_outer, stride_inner = _kernel_rows(rows)
+    with launch_device(rows):
+        _token_stats_bwd_kernel[(outer * inner, cfg.num_splits)](
+            rows, tokens, row_max, log_sum, entropy,
+            grad_logprob if grad_logprob is not None else entropy,
+            grad_entropy if grad_entropy is not None else entropy,
+            out, vocab, T1, stride_outer, stride_inner, cfg.cols_per_split, 1.0 / temperature,
+            ignore_index, HAS_GRAD_LOGPROB=grad_logprob is not None,
+            HAS_GRAD_ENTROPY=grad_entropy is not None, BLOCK_V=cfg.block_v,
+            num_warps=cfg.num_warps,
+        )  # fmt: skip
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch path: the same math in float32, a few MB of rows at a time
+# --------------------------------------------------------------------------------------------
+
+_TORCH_CHUNK_BYTES = 4 << 20  # float32 working set of one chunk of rows
+_FLOAT32_MIN = torch.finfo(torch.float32).min
+
+
+def _row_chunks(rows: torch.Tensor):
+    """Yields ``(first_row, chunk, d, p)`` over the [R, T1, V] row view, a few MB of rows at a
+    time: ``chunk`` an [n, V] view of the logits, ``d`` and ``p`` two float32 [n, V] work buffers
+    (allocated once per call and reused, so no chunk pays for fresh pages)."""
+    outer, inner, vocab = rows.shape
+    step = max(1, min(inner, _TORCH_CHUNK_BYTES // (4 * vocab)))
+    work = torch.empty((2, step, vocab), device=rows.device, dtype=torch.float32)
+    for i in range(outer):
+        for t in range(0, inner, step):
+            chunk = rows[i, t : t + step]
+            n = chunk.shape[0]
+            yield i * inner + t, chunk, work[0, :n], work[1, :n]
+
+
+def _softmax_terms(chunk, row_max, inv_temp, d, p):
+    """Fills ``d`` with (x - m) / tau (masked entries at the float32 minimum, so that e^d = 0 and
+    p * d = 0 there without 0 * (-inf)) and ``p`` with softmax(d) from ATen's fused kernel;
+    returns total = sum_j p_j by a cascaded sum. The fused kernel's own normaliser is a plain
+    float32 accumulation (relative error ~1e-5 at V = 150k); dividing by ``total`` restores the
+    accurate one: the true probabilities are p / total and log s = -log max_j p_j + log total
+    (the maximum of p sits at d = 0)."""
+    torch.sub(chunk, row_max[:, None], out=d)
+    if inv_temp != 1.0:
+        d.mul_(inv_temp)
+    d.clamp_min_(_FLOAT32_MIN)
+    torch.softmax(d, dim=-1, out=p)
+    return p.sum(dim=-1)
+
+
+def _torch_forward(rows, tokens, temperature, ignore_index):
+    """Per chunk: m = max x, d = (x - m) / tau, p = softmax(d), log s from the largest p,
+    entropy = log s - <p, d> (d * p in place, then a row sum); logprob = d_y - log s read from the
+    unclamped logits."""
+    outer, inner, vocab = rows.shape
+    logprob, entropy, row_max, log_sum = _empty_stats((outer * inner,), rows.device)
+    inv_temp = 1.0 / temperature
+    for r0, chunk, d, p in _row_chunks(rows):
+        r1 = r0 + chunk.shape[0]
+        m = chunk.amax(dim=-1).float()  # NaN propagates
+        total = _softmax_terms(chunk, m, inv_temp, d, p)
+        log_s = torch.log(total / p.amax(dim=-1))
+        row_max[r0:r1] = m
+        log_sum[r0:r1] = log_s
+        entropy[r0:r1] = log_s - d.mul_(p).sum(dim=-1) / total
+        y = tokens[r0:r1]
+        in_range = (y >= 0) & (y < vocab)
+        x_y = chunk.gather(-1, torch.where(in_range, y, 0).unsqueeze(-1)).squeeze(-1).float()
+        lp = torch.where(in_range, (x_y - m) * inv_temp - log_s, float("nan"))
+        logprob[r0:r1] = lp.masked_fill_(y == ignore_index, 0.0)
+    return logprob, entropy, row_max, log_sum
+
+
+def _torch_backward(rows, tokens, row_max, log_sum, entropy, grad_logprob, grad_entropy,
+                    temperature, ignore_index, out):  # fmt: skip
+    """With q = p / total the probabilities: dz = q (d - log s + H) (-g_H / tau) - q g_lp / tau,
+    plus g_lp / tau at y. The bracket is formed before the multiplication by q, so the float32
+    minimum at a masked entry only ever meets q = 0."""
+    outer, inner, vocab = rows.shape
+    inv_temp = 1.0 / temperature
+    for r0, chunk, d, p in _row_chunks(rows):
+        r1 = r0 + chunk.shape[0]
+        total = _softmax_terms(chunk, row_max[r0:r1], inv_temp, d, p)
+        scale = inv_temp / total  # folds 1 / total (normalisation) and 1 / tau into the rows
+        g_lp = None
+        if grad_logprob is not None:
+            y = tokens[r0:r1]
+            g_lp = grad_logprob[r0:r1].masked_fill(y == ignore_index, 0.0)
+        if grad_entropy is not None:
+            shift = entropy[r0:r1] - log_sum[r0:r1]
+            dz = d.add_(shift[:, None]).mul_(p).mul_((-grad_entropy[r0:r1] * scale)[:, None])
+            if g_lp is not None:
+                dz.addcmul_(p, (-g_lp * scale)[:, None])
+        else:
+            dz = p.mul_((-g_lp * scale)[:, None])
+        if g_lp is not None:
+            in_range = (y >= 0) & (y < vocab)
+            dz.scatter_add_(
+                -1,
+                torch.where(in_range, y, 0).unsqueeze(-1),
+                torch.where(in_range, g_lp * inv_temp, 0.0).unsqueeze(-1),
+            )
+        out[r0:r1] = dz
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Row-level entry points (shared with linear_token_stats)
+# --------------------------------------------------------------------------------------------
+
+
+def _empty_stats(shape, device, count=4) -> tuple[torch.Tensor, ...]:
+    """Separate float32 outputs (custom-op outputs must not alias each other)."""
+    return tuple(torch.empty(shape, device=device, dtype=torch.float32) for _ in range(count))
 
 
 def _row_view(logits: torch.Tensor) -> torch.Tensor:
-    """Returns ``logits`` as a [R, T, V] strided view (R * T = N rows, last dim contiguous),
+    """Returns ``logits`` as a [R, T1, V] strided view (R * T1 = N rows, last dim contiguous),
     copying only when the leading dimensions do not collapse into two strided levels or the last
     dimension is not contiguous."""
     vocab = logits.shape[-1]
@@ -95,469 +471,41 @@ def _row_view(logits: torch.Tensor) -> torch.Tensor:
     return logits.as_strided((outer, inner, vocab), (outer_stride, inner_stride, 1))
 
 
-# --------------------------------------------------------------------------------------------
-# Triton kernels
-# --------------------------------------------------------------------------------------------
+def rows_forward(rows, tokens, temperature, ignore_index, block_v=0, num_splits=0):
+    """Statistics of a [R, T1, V] row view (``tokens``: [N] int64, N = R * T1) on the backend of
+    its device: float32 ``(logprob, entropy, row_max, log_sum)``, each [N]."""
+    if use_triton(rows.device):
+        return _triton_forward(rows, tokens, temperature, ignore_index, block_v, num_splits)
+    return _torch_forward(rows, tokens, temperature, ignore_index)
 
-if HAS_TRITON:
-    NEG_INF = tl.constexpr(float("-inf"))
 
-    @triton.jit
-    def _row_offset(row, T1, stride_outer, stride_inner):
-        """Element offset (int64) of row ``row`` = (row // T1, row % T1) of the [R, T1, V] view."""
-        row = row.to(tl.int64)
-        return (row // T1) * stride_outer + (row % T1) * stride_inner
-
-    @triton.jit
-    def _rebase(m, s, a, new_max):
-        """Re-expresses partial states (m, s, a) relative to ``new_max`` >= m.
-
-        With d = m - new_max and w = e^d: s' = w s and a' = w (a + d s). An empty partial
-        (m = -inf, s = a = 0) gives (0, 0); the guards keep 0 * (-inf) out of the sums. With
-        ``s = 1, a = 0`` this turns raw logits z into their terms e^(z-M) and (z-M) e^(z-M).
-        """
-        shift = tl.where(new_max == NEG_INF, 0.0, new_max)
-        empty = m == NEG_INF
-        d = tl.where(empty, 0.0, m - shift)
-        w = tl.where(empty, 0.0, tl.exp(d))
-        return w * s, w * (a + d * s)
-
-    @triton.jit
-    def _store_row_stats(
-        row,
-        m,
-        s,
-        a,
-        x_row,
-        tokens_ptr,
-        logprob_ptr,
-        entropy_ptr,
-        lse_ptr,
-        V,
-        inv_temp,
-        ignore_index,
-    ):
-        """lse = m + log s, entropy = log s - a / s, logprob = z_y - lse (one scalar load of
-        x[row, y]; 0 for ignore_index, NaN for an id outside [0, V), never read out of bounds)."""
-        log_s = tl.log(s)
-        lse = m + log_s
-        y = tl.load(tokens_ptr + row).to(tl.int64)
-        in_range = (y >= 0) & (y < V)
-        z_y = tl.load(x_row + y, mask=in_range, other=0.0).to(tl.float32) * inv_temp
-        logprob = tl.where(in_range, z_y - lse, float("nan"))
-        logprob = tl.where(y == ignore_index, 0.0, logprob)
-        tl.store(lse_ptr + row, lse)
-        tl.store(entropy_ptr + row, log_s - a / s)
-        tl.store(logprob_ptr + row, logprob)
-
-    @triton.jit
-    def _token_stats_fwd_kernel(
-        x_ptr,
-        tokens_ptr,
-        logprob_ptr,
-        entropy_ptr,
-        lse_ptr,
-        part_m_ptr,
-        part_s_ptr,
-        part_a_ptr,
-        V,
-        T1,
-        stride_outer,
-        stride_inner,
-        cols_per_split,
-        inv_temp,
-        ignore_index,
-        BLOCK_V: tl.constexpr,
-        SPLIT: tl.constexpr,
-    ):
-        """Program (row, split) streams columns [split * cols_per_split, ...) of one row in
-        BLOCK_V chunks, keeping (m, s, a). When the max grows from m to m', with c = e^(m - m'):
-        s <- c s and a <- c (a + (m - m') s), then the chunk's terms are added. Without a split
-        it writes the row's statistics; with one it writes the partial (m, s, a) for the merge."""
-        row = tl.program_id(0)
-        split = tl.program_id(1)
-        x_row = x_ptr + _row_offset(row, T1, stride_outer, stride_inner)
-        col_begin = split * cols_per_split
-        col_end = tl.minimum(col_begin + cols_per_split, V)
-        m = tl.full([], NEG_INF, tl.float32)
-        s = tl.zeros([], tl.float32)
-        a = tl.zeros([], tl.float32)
-        for start in range(col_begin, col_end, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            mask = cols < V
-            x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-            z = tl.where(mask, x * inv_temp, NEG_INF)
-            m_new = tl.maximum(m, tl.max(z, axis=0))
-            s, a = _rebase(m, s, a, m_new)
-            e, ze = _rebase(z, 1.0, 0.0, m_new)
-            s += tl.sum(e, axis=0)
-            a += tl.sum(ze, axis=0)
-            m = m_new
-        if SPLIT:
-            part = row.to(tl.int64) * tl.num_programs(1) + split
-            tl.store(part_m_ptr + part, m)
-            tl.store(part_s_ptr + part, s)
-            tl.store(part_a_ptr + part, a)
-        else:
-            _store_row_stats(
-                row,
-                m,
-                s,
-                a,
-                x_row,
-                tokens_ptr,
-                logprob_ptr,
-                entropy_ptr,
-                lse_ptr,
-                V,
-                inv_temp,
-                ignore_index,
-            )
-
-    @triton.jit
-    def _token_stats_merge_kernel(
-        x_ptr,
-        tokens_ptr,
-        logprob_ptr,
-        entropy_ptr,
-        lse_ptr,
-        part_m_ptr,
-        part_s_ptr,
-        part_a_ptr,
-        V,
-        T1,
-        stride_outer,
-        stride_inner,
-        num_splits,
-        inv_temp,
-        ignore_index,
-        SPLITS_POW2: tl.constexpr,
-    ):
-        """Merges a row's partials: M = max m_i, S = sum s_i e^(m_i - M),
-        A = sum e^(m_i - M) (a_i + (m_i - M) s_i); then writes the row's statistics."""
-        row = tl.program_id(0)
-        idx = tl.arange(0, SPLITS_POW2)
-        mask = idx < num_splits
-        part = row.to(tl.int64) * num_splits + idx
-        m_i = tl.load(part_m_ptr + part, mask=mask, other=NEG_INF)
-        s_i = tl.load(part_s_ptr + part, mask=mask, other=0.0)
-        a_i = tl.load(part_a_ptr + part, mask=mask, other=0.0)
-        m = tl.max(m_i, axis=0)
-        s_i, a_i = _rebase(m_i, s_i, a_i, m)
-        x_row = x_ptr + _row_offset(row, T1, stride_outer, stride_inner)
-        _store_row_stats(
-            row,
-            m,
-            tl.sum(s_i, axis=0),
-            tl.sum(a_i, axis=0),
-            x_row,
-            tokens_ptr,
-            logprob_ptr,
-            entropy_ptr,
-            lse_ptr,
-            V,
-            inv_temp,
-            ignore_index,
-        )
-
-    @triton.jit
-    def _token_stats_bwd_kernel(
-        x_ptr,
-        tokens_ptr,
-        lse_ptr,
-        entropy_ptr,
-        grad_logprob_ptr,
-        grad_entropy_ptr,
-        dx_ptr,
-        V,
-        T1,
-        stride_outer,
-        stride_inner,
-        cols_per_split,
-        inv_temp,
-        ignore_index,
-        HAS_GRAD_LOGPROB: tl.constexpr,
-        HAS_GRAD_ENTROPY: tl.constexpr,
-        BLOCK_V: tl.constexpr,
-    ):
-        """dx_j = (1/tau) [g_lp (1[j = y] - p_j) - g_H p_j (z_j - lse + H)], p_j = e^(z_j - lse);
-        program (row, split) streams its columns once (read x, write dx in x's dtype)."""
-        row = tl.program_id(0)
-        split = tl.program_id(1)
-        x_row = x_ptr + _row_offset(row, T1, stride_outer, stride_inner)
-        dx_row = dx_ptr + row.to(tl.int64) * V
-        lse = tl.load(lse_ptr + row)
-        entropy = tl.load(entropy_ptr + row)
-        y = tl.load(tokens_ptr + row).to(tl.int64)
-        if HAS_GRAD_LOGPROB:
-            g_lp = tl.load(grad_logprob_ptr + row)
-            g_lp = tl.where(y == ignore_index, 0.0, g_lp)
-        else:
-            g_lp = 0.0
-        if HAS_GRAD_ENTROPY:
-            g_h = tl.load(grad_entropy_ptr + row)
-        else:
-            g_h = 0.0
-        col_begin = split * cols_per_split
-        col_end = tl.minimum(col_begin + cols_per_split, V)
-        for start in range(col_begin, col_end, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            mask = cols < V
-            x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-            z = tl.where(mask, x * inv_temp, NEG_INF)
-            p = tl.exp(z - lse)
-            centred = tl.where(z == NEG_INF, 0.0, z - lse + entropy)
-            dz = tl.where(cols == y, g_lp, 0.0) - p * (g_lp + g_h * centred)
-            tl.store(dx_row + cols, (dz * inv_temp).to(dx_ptr.dtype.element_ty), mask=mask)
+def rows_backward(rows, tokens, row_max, log_sum, entropy, grad_logprob, grad_entropy,
+                  temperature, ignore_index, out, block_v=0, num_splits=0):  # fmt: skip
+    """Writes the logits gradient of a [R, T1, V] row view into ``out`` ([N, V], contiguous,
+    the logits dtype; ``out`` may be the row storage itself when that is contiguous) and
+    returns it. ``grad_logprob`` / ``grad_entropy`` are [N] float32 or None."""
+    args = (rows, tokens, row_max, log_sum, entropy, grad_logprob, grad_entropy, temperature)
+    if use_triton(rows.device):
+        return _triton_backward(*args, ignore_index, block_v, num_splits, out)
+    return _torch_backward(*args, ignore_index, out)
 
 
 # --------------------------------------------------------------------------------------------
-# Launch configuration
-# --------------------------------------------------------------------------------------------
-
-_WARPS = 8  # per program for large rows
-_VECTORS_PER_THREAD = 2  # 16-byte loads per thread and chunk
-_MIN_BLOCKS_PER_SPLIT = 4  # a vocabulary split streams at least this many chunks
-_MAX_SPLITS = 128
-_PROGRAMS_PER_SM = 4  # below N = 4 * SMs rows, the vocabulary is split
-
-
-class _LaunchConfig(NamedTuple):
-    block_v: int
-    num_warps: int
-    num_splits: int
-    cols_per_split: int
-
-
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _launch_config(
-    n_rows: int,
-    vocab: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    block_v: int = 0,
-    num_splits: int = 0,
-) -> _LaunchConfig:
-    """Chunk size, warps and vocabulary splits for a [n_rows, vocab] launch (0 = choose).
-
-    A chunk gives each of 8 warps' threads two 16-byte loads (4096 bf16/fp16 or 2048 fp32
-    columns), capped by the row length. Rows split into several programs only on CUDA when
-    there are fewer than 4 programs per SM and each split keeps >= 4 chunks; off-GPU (the
-    interpreter) the split count is 1 unless forced.
-    """
-    if block_v == 0:
-        per_thread = _VECTORS_PER_THREAD * 16 // dtype.itemsize
-        block_v = min(triton.next_power_of_2(vocab), _WARPS * 32 * per_thread)
-    num_warps = max(1, min(_WARPS, block_v // (32 * 8)))
-    n_blocks = triton.cdiv(vocab, block_v)
-    if num_splits == 0:
-        num_splits = 1
-        if device.type == "cuda":
-            wanted = triton.cdiv(_PROGRAMS_PER_SM * _sm_count(device), max(n_rows, 1))
-            num_splits = max(1, min(wanted, n_blocks // _MIN_BLOCKS_PER_SPLIT, _MAX_SPLITS))
-    cols_per_split = triton.cdiv(n_blocks, min(num_splits, n_blocks)) * block_v
-    return _LaunchConfig(block_v, num_warps, triton.cdiv(vocab, cols_per_split), cols_per_split)
-
-
-def _empty_stats(shape, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Three separate float32 outputs (custom-op outputs must not alias each other)."""
-    return tuple(torch.empty(shape, device=device, dtype=torch.float32) for _ in range(3))
-
-
-def _kernel_rows(rows: torch.Tensor) -> tuple[int, int, int]:
-    """(T1, stride_outer, stride_inner) of a [R, T, V] row view, with T1 = 1 for one level."""
-    outer, inner, _ = rows.shape
-    if outer == 1:
-        return 1, rows.stride(1), 0
-    return inner, rows.stride(0), rows.stride(1)
-
-
-def _triton_forward(rows, tokens, temperature, ignore_index, block_v, num_splits):
-    outer, inner, vocab = rows.shape
-    n_rows = outer * inner
-    cfg = _launch_config(n_rows, vocab, rows.dtype, rows.device, block_v, num_splits)
-    T1, stride_outer, stride_inner = _kernel_rows(rows)
-    logprob, entropy, lse = _empty_stats((n_rows,), rows.device)
-    split = cfg.num_splits > 1
-    parts = torch.empty(
-        (3, n_rows * cfg.num_splits if split else 1), device=rows.device, dtype=torch.float32
-    )
-    with launch_device(rows):
-        _token_stats_fwd_kernel[(n_rows, cfg.num_splits)](
-            rows,
-            tokens,
-            logprob,
-            entropy,
-            lse,
-            parts[0],
-            parts[1],
-            parts[2],
-            vocab,
-            T1,
-            stride_outer,
-            stride_inner,
-            cfg.cols_per_split,
-            1.0 / temperature,
-            ignore_index,
-            BLOCK_V=cfg.block_v,
-            SPLIT=split,
-            num_warps=cfg.num_warps,
-        )
-        if split:
-            _token_stats_merge_kernel[(n_rows,)](
-                rows,
-                tokens,
-                logprob,
-                entropy,
-                lse,
-                parts[0],
-                parts[1],
-                parts[2],
-                vocab,
-                T1,
-                stride_outer,
-                stride_inner,
-                cfg.num_splits,
-                1.0 / temperature,
-                ignore_index,
-                SPLITS_POW2=triton.next_power_of_2(cfg.num_splits),
-                num_warps=1,
-            )
-    return logprob, entropy, lse
-
-
-def _triton_backward(
-    rows,
-    tokens,
-    lse,
-    entropy,
-    grad_logprob,
-    grad_entropy,
-    temperature,
-    ignore_index,
-    block_v,
-    num_splits,
-):
-    outer, inner, vocab = rows.shape
-    n_rows = outer * inner
-    cfg = _launch_config(n_rows, vocab, rows.dtype, rows.device, block_v, num_splits)
-    T1, stride_outer, stride_inner = _kernel_rows(rows)
-    dx = torch.empty((n_rows, vocab), device=rows.device, dtype=rows.dtype)
-    with launch_device(rows):
-        _token_stats_bwd_kernel[(n_rows, cfg.num_splits)](
-            rows,
-            tokens,
-            lse,
-            entropy,
-            grad_logprob if grad_logprob is not None else lse,
-            grad_entropy if grad_entropy is not None else lse,
-            dx,
-            vocab,
-            T1,
-            stride_outer,
-            stride_inner,
-            cfg.cols_per_split,
-            1.0 / temperature,
-            ignore_index,
-            HAS_GRAD_LOGPROB=grad_logprob is not None,
-            HAS_GRAD_ENTROPY=grad_entropy is not None,
-            BLOCK_V=cfg.block_v,
-            num_warps=cfg.num_warps,
-        )
-    return dx
-
-
-# --------------------------------------------------------------------------------------------
-# PyTorch path: the same math in float32, a few MB of rows at a time
-# --------------------------------------------------------------------------------------------
-
-_TORCH_CHUNK_BYTES = 4 << 20  # float32 working set of one chunk of rows
-_FLOAT32_MIN = torch.finfo(torch.float32).min
-
-
-def _row_chunks(rows: torch.Tensor):
-    """Yields (first_row, [n, V] view) over the [R, T, V] row view, a few MB at a time."""
-    outer, inner, vocab = rows.shape
-    step = max(1, _TORCH_CHUNK_BYTES // (4 * vocab))
-    for i in range(outer):
-        for t in range(0, inner, step):
-            yield i * inner + t, rows[i, t : t + step]
-
-
-def _torch_forward(rows, tokens, temperature, ignore_index):
-    outer, inner, vocab = rows.shape
-    logprob, entropy, lse = _empty_stats((outer * inner,), rows.device)
-    inv_temp = 1.0 / temperature
-    for r0, chunk in _row_chunks(rows):
-        r1 = r0 + chunk.shape[0]
-        z = chunk.to(torch.float32, copy=True).mul_(inv_temp)
-        m = z.amax(dim=-1, keepdim=True)  # NaN propagates
-        shift = m.masked_fill(m == float("-inf"), 0.0)
-        # d = z - shift; -inf entries become the float32 minimum so that e^d = 0 and d e^d = 0
-        d = z.sub_(shift).clamp_min_(_FLOAT32_MIN)
-        e = torch.exp(d)
-        s = e.sum(dim=-1)
-        a = e.mul_(d).sum(dim=-1)
-        log_s = torch.log(s)
-        lse[r0:r1] = m.squeeze(-1) + log_s
-        entropy[r0:r1] = log_s - a / s
-        y = tokens[r0:r1]
-        in_range = (y >= 0) & (y < vocab)
-        z_y = chunk.gather(-1, torch.where(in_range, y, 0).unsqueeze(-1)).squeeze(-1)
-        lp = torch.where(in_range, z_y.float() * inv_temp - lse[r0:r1], float("nan"))
-        logprob[r0:r1] = lp.masked_fill_(y == ignore_index, 0.0)
-    return logprob, entropy, lse
-
-
-def _torch_backward(
-    rows, tokens, lse, entropy, grad_logprob, grad_entropy, temperature, ignore_index
-):
-    outer, inner, vocab = rows.shape
-    dx = torch.empty((outer * inner, vocab), device=rows.device, dtype=rows.dtype)
-    for r0, chunk in _row_chunks(rows):
-        r1 = r0 + chunk.shape[0]
-        # centred = z - lse (the float32 minimum for -inf entries, so p = 0 and p * centred = 0)
-        centred = chunk.to(torch.float32, copy=True).mul_(1.0 / temperature)
-        centred.sub_(lse[r0:r1, None]).clamp_min_(_FLOAT32_MIN)
-        p = torch.exp(centred)
-        dz = torch.zeros_like(p)
-        if grad_entropy is not None:
-            # -g_H p (z - lse + H)
-            dz.addcmul_(p, centred.add_(entropy[r0:r1, None]), value=-1.0)
-            dz.mul_(grad_entropy[r0:r1, None])
-        if grad_logprob is not None:
-            y = tokens[r0:r1]
-            g_lp = grad_logprob[r0:r1].masked_fill(y == ignore_index, 0.0)
-            dz.addcmul_(p, g_lp[:, None], value=-1.0)
-            in_range = (y >= 0) & (y < vocab)
-            dz.scatter_add_(
-                -1,
-                torch.where(in_range, y, 0).unsqueeze(-1),
-                torch.where(in_range, g_lp, 0.0).unsqueeze(-1),
-            )
-        dx[r0:r1] = dz.mul_(1.0 / temperature)
-    return dx
-
-
-# --------------------------------------------------------------------------------------------
-# Custom ops (backend chosen inside), autograd, public API
+# Custom ops, autograd, public API
 # --------------------------------------------------------------------------------------------
 
 
-def _flat_ids(tokens: torch.Tensor) -> torch.Tensor:
+def flat_ids(tokens: torch.Tensor) -> torch.Tensor:
     """Contiguous int64 ids (N elements, cheap): ignore_index and range comparisons stay exact
     for narrow integer dtypes (a uint8 tensor compared with -100 would wrap around)."""
     return tokens.reshape(-1).to(torch.int64).contiguous()
 
 
-def _check_token_ids(tokens: torch.Tensor, vocab: int, ignore_index: int) -> None:
+def check_token_ids(tokens: torch.Tensor, vocab: int, ignore_index: int) -> None:
     """One reduction over the ids; skipped while a CUDA graph is captured (no host sync)."""
-    if _validation.capturing_cuda_graph(tokens):
+    if tokens.numel() == 0 or validation.capturing_cuda_graph(tokens):
         return
-    _validation.check_index_range("tokens", tokens, vocab, ignore_index)
+    validation.check_index_range("tokens", tokens, vocab, ignore_index)
 
 
 @torch.library.custom_op("appo_kernels::token_stats_fwd", mutates_args=())
@@ -568,19 +516,14 @@ def _token_stats_fwd(
     ignore_index: int,
     block_v: int,
     num_splits: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     lead = logits.shape[:-1]
-    flat_tokens = _flat_ids(tokens)
-    _check_token_ids(flat_tokens, logits.shape[-1], ignore_index)
-    if tokens.numel() == 0:
+    ids = flat_ids(tokens)
+    check_token_ids(ids, logits.shape[-1], ignore_index)
+    if ids.numel() == 0:
         return _empty_stats(lead, logits.device)
-    rows = _row_view(logits)
-    if use_triton(logits.device):
-        out = _triton_forward(rows, flat_tokens, temperature, ignore_index, block_v, num_splits)
-    else:
-        out = _torch_forward(rows, flat_tokens, temperature, ignore_index)
-    logprob, entropy, lse = (t.view(lead) for t in out)
-    return logprob, entropy, lse
+    out = rows_forward(_row_view(logits), ids, temperature, ignore_index, block_v, num_splits)
+    return tuple(t.view(lead) for t in out)
 
 
 @_token_stats_fwd.register_fake
@@ -592,7 +535,8 @@ def _(logits, tokens, temperature, ignore_index, block_v, num_splits):
 def _token_stats_bwd(
     logits: torch.Tensor,
     tokens: torch.Tensor,
-    lse: torch.Tensor,
+    row_max: torch.Tensor,
+    log_sum: torch.Tensor,
     entropy: torch.Tensor,
     grad_logprob: torch.Tensor | None,
     grad_entropy: torch.Tensor | None,
@@ -604,68 +548,64 @@ def _token_stats_bwd(
     if logits.numel() == 0:
         return torch.zeros(logits.shape, device=logits.device, dtype=logits.dtype)
     rows = _row_view(logits)
-    flat = [
+    row_stats = [
         None if t is None else t.reshape(-1).to(torch.float32).contiguous()
-        for t in (lse, entropy, grad_logprob, grad_entropy)
+        for t in (row_max, log_sum, entropy, grad_logprob, grad_entropy)
     ]
-    flat_tokens = _flat_ids(tokens)
-    if use_triton(logits.device):
-        dx = _triton_backward(
-            rows, flat_tokens, *flat, temperature, ignore_index, block_v, num_splits
-        )
-    else:
-        dx = _torch_backward(rows, flat_tokens, *flat, temperature, ignore_index)
+    dx = torch.empty((rows.shape[0] * rows.shape[1], rows.shape[2]), device=logits.device,
+                     dtype=logits.dtype)  # fmt: skip
+    rows_backward(rows, flat_ids(tokens), *row_stats, temperature, ignore_index, dx, block_v,
+                  num_splits)  # fmt: skip
     return dx.view(logits.shape)
 
 
 @_token_stats_bwd.register_fake
-def _(
-    logits,
-    tokens,
-    lse,
-    entropy,
-    grad_logprob,
-    grad_entropy,
-    temperature,
-    ignore_index,
-    block_v,
-    num_splits,
-):
+def _(logits, tokens, row_max, log_sum, entropy, grad_logprob, grad_entropy, temperature,
+      ignore_index, block_v, num_splits):  # fmt: skip
     return torch.empty(logits.shape, device=logits.device, dtype=logits.dtype)
 
 
 def _setup_context(ctx, inputs, output):
     logits, tokens, temperature, ignore_index, block_v, num_splits = inputs
-    _, entropy, lse = output
-    ctx.save_for_backward(logits, tokens, lse, entropy)
+    _, entropy, row_max, log_sum = output
+    ctx.save_for_backward(logits, tokens, row_max, log_sum, entropy)
     ctx.args = (temperature, ignore_index, block_v, num_splits)
 
 
-def _backward(ctx, grad_logprob, grad_entropy, grad_lse):
-    # lse is exposed only through token_stats_forward, which records no graph: grad_lse unused.
-    logits, tokens, lse, entropy = ctx.saved_tensors
+def _backward(ctx, grad_logprob, grad_entropy, grad_row_max, grad_log_sum):
+    # row_max / log_sum leave only through token_stats_forward, which records no graph.
     if grad_logprob is None and grad_entropy is None:
         return (None,) * 6
-    dx = _token_stats_bwd(logits, tokens, lse, entropy, grad_logprob, grad_entropy, *ctx.args)
+    logits, tokens, row_max, log_sum, entropy = ctx.saved_tensors
+    dx = _token_stats_bwd(logits, tokens, row_max, log_sum, entropy, grad_logprob, grad_entropy,
+                          *ctx.args)  # fmt: skip
     return dx, None, None, None, None, None
 
 
 _token_stats_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def check_temperature(temperature: object) -> float:
+    """A temperature in ``TEMPERATURE_RANGE`` (1 / tau stays a normal float32)."""
+    temperature = validation.check_positive("temperature", temperature)
+    low, high = TEMPERATURE_RANGE
+    if not low <= temperature <= high:
+        raise ValueError(f"temperature must be in [{low:g}, {high:g}], got {temperature:g}")
+    return temperature
+
+
 def _checked_args(logits, tokens, temperature, ignore_index, block_v, num_splits):
-    logits = _validation.check_float("logits", logits)
-    tokens = _validation.check_int("tokens", tokens)
+    logits = validation.check_float("logits", logits)
+    tokens = validation.check_int("tokens", tokens)
     if logits.dim() < 1 or logits.shape[-1] < 1:
         raise ValueError(f"logits must be [..., V] with V >= 1, got shape {tuple(logits.shape)}")
-    _validation.check_shape("tokens", tokens, logits.shape[:-1], "logits.shape[:-1]")
-    _validation.check_same_device({"logits": logits, "tokens": tokens})
-    temperature = _validation.check_positive("temperature", temperature)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    validation.check_shape("tokens", tokens, logits.shape[:-1], "logits.shape[:-1]")
+    validation.check_same_device({"logits": logits, "tokens": tokens})
+    temperature = check_temperature(temperature)
+    validation.check_int64("ignore_index", ignore_index)
     for name, value in (("_block_v", block_v), ("_num_splits", num_splits)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an int >= 0 (0 = automatic), got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**16:
+            raise ValueError(f"{name} must be an int in [0, 65536] (0 = automatic), got {value!r}")
     if block_v & (block_v - 1):
         raise ValueError(f"_block_v must be a power of two, got {block_v}")
     return logits, tokens, temperature
@@ -682,24 +622,45 @@ def token_stats(
 ) -> TokenStats:
     """Log-probability of ``tokens`` and full-vocabulary entropy under ``softmax(logits / tau)``.
 
-    Args:
-        logits: ``[..., V]`` float16 / bfloat16 / float32, last dimension contiguous (other
-            strides are free: ``logits[:, :-1]`` is read without a copy).
-        tokens: ``[...]`` integer ids in ``[0, V)`` or ``ignore_index``.
-        temperature: ``tau > 0``.
-        ignore_index: rows with this id get ``logprob = 0`` and no logprob gradient; their
-            entropy is still computed.
-        _block_v, _num_splits: tuning / test hooks for the Triton kernels (chunk width, a power
-            of two, and number of vocabulary splits); 0 chooses automatically.
+    Parameters
+    ----------
+    logits : torch.Tensor
+        ``[..., V]`` float16 / bfloat16 / float32, last dimension contiguous (other strides are
+        free: ``logits[:, :-1]`` of a ``[B, T, V]`` tensor is read without a copy).
+    tokens : torch.Tensor
+        ``[...]`` integer ids in ``[0, V)`` or ``ignore_index``, on the logits' device.
+    temperature : float
+        ``tau`` in ``[1e-30, 1e30]``; the distribution is ``softmax(logits / tau)``.
+    ignore_index : int
+        Rows with this id get ``logprob = 0`` and no log-prob gradient; their entropy is still
+        computed.
+    _block_v, _num_splits : int
+        Tuning and test hooks for the Triton kernels (chunk width, a power of two, and number of
+        vocabulary splits); 0 chooses automatically.
 
-    Returns:
-        ``TokenStats(logprob, entropy)``, float32 ``logits.shape[:-1]``, both differentiable
-        with respect to ``logits``.
+    Returns
+    -------
+    TokenStats
+        ``(logprob, entropy)``, float32 ``logits.shape[:-1]``, both differentiable with respect
+        to ``logits`` (backward is one more streaming pass; nothing ``[N, V]`` is saved).
+
+    Notes
+    -----
+    One streaming pass over the vocabulary (online maximum, sum and entropy accumulator); see
+    the module docstring for the recurrences and docs/design.md for the derivation.
+
+    Examples
+    --------
+    >>> logits = torch.randn(2, 5, 32)
+    >>> tokens = torch.randint(0, 32, (2, 5))
+    >>> lp, h = token_stats(logits[:, :-1], tokens[:, 1:])  # no copy of the shifted view
+    >>> lp.shape, h.dtype
+    (torch.Size([2, 4]), torch.float32)
     """
     logits, tokens, temperature = _checked_args(
         logits, tokens, temperature, ignore_index, _block_v, _num_splits
     )
-    logprob, entropy, _ = _token_stats_fwd(
+    logprob, entropy, _, _ = _token_stats_fwd(
         logits, tokens, temperature, ignore_index, _block_v, _num_splits
     )
     return TokenStats(logprob, entropy)
@@ -714,12 +675,12 @@ def token_stats_forward(
     _block_v: int = 0,
     _num_splits: int = 0,
 ) -> TokenStatsForward:
-    """Like :func:`token_stats`, plus ``lse = log sum exp(logits / tau)``, and not differentiable:
-    nothing is recorded for autograd and the outputs never require grad."""
+    """Like :func:`token_stats`, plus ``lse = log sum exp(logits / tau)``, and not
+    differentiable: nothing is recorded for autograd and the outputs never require grad."""
     logits, tokens, temperature = _checked_args(
         logits, tokens, temperature, ignore_index, _block_v, _num_splits
     )
-    out = _token_stats_fwd(
+    logprob, entropy, row_max, log_sum = _token_stats_fwd(
         logits.detach(), tokens, temperature, ignore_index, _block_v, _num_splits
     )
-    return TokenStatsForward(*out)
+    return TokenStatsForward(logprob, entropy, row_max / temperature + log_sum)

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Everything a GPU session should run, in one call (the lent GPU machines have no network and
-# their own torch/triton/transformers; see SPEC.md section 6):
+# their own torch/triton/transformers; see docs/design.md, section 13):
 #   1. build the CUDA extension appo_kernels._C in place,
 #   2. run the GPU tests (compiled Triton kernels on CUDA tensors, the extension against the
 #      PyTorch fallback, the adapter on CUDA),
-#   3. run both benchmarks and write their tables to bench/results/ (or $OUT when set).
+#   3. run the benchmarks (token_stats, linear_token_stats, kv_fork) and write their tables to
+#      bench/results/ (or $OUT when set).
 # Usage: bash bench/gpu_session.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -42,4 +43,6 @@ tail -40 "$out/pytest_gpu.log"
 name=$(python -c "import torch, re; print(re.sub(r'[^A-Za-z0-9]+', '_', torch.cuda.get_device_name()).strip('_').lower())")
 python bench/token_stats.py --device cuda --vocabs 32000 151936 --rows 4096 16384 \
   --out "$out/token_stats_$name.md" 2>&1 | tail -40
+python bench/linear_token_stats.py --device cuda --out "$out/linear_token_stats_$name.md" 2>&1 \
+  | tail -30
 python bench/kv_fork.py --device cuda --out "$out/kv_fork_$name.md" 2>&1 | tail -20

@@ -2,16 +2,20 @@
 
 Compares, on one device and in one run (so the numbers are ratios measured side by side):
 
-- ``appo_kernels.token_stats`` (Triton on CUDA, the chunked PyTorch path on CPU),
+- ``appo_kernels.token_stats`` forward (Triton on CUDA, the chunked PyTorch path on CPU), its
+  backward alone (one read of the logits, one write of the gradient) and forward + backward,
 - ``appo_kernels.branching_score`` (token statistics + score kernel),
 - eager PyTorch: ``log_softmax`` + ``gather`` + ``-(p * logp).sum`` (materialises [N, V] in fp32),
-- ``torch.compile`` of the same eager function,
+  forward and forward + backward,
+- ``torch.compile`` of the same eager function, forward and forward + backward,
 - the eager function applied to row chunks (bounded memory, the usual hand-written workaround),
 - Liger-Kernel's fused cross-entropy for the log-prob alone (only where it is installed; CUDA).
 
-For each it prints the median time, the logits read rate in GB/s, that rate as a percentage of
-the device copy bandwidth measured in the same run (a copy moves 2 bytes per byte copied, so the
-bandwidth is ``2 * size / time``), and the peak extra memory on top of the inputs.
+For each it prints the median time, the bytes moved per second (the logits read once by a
+forward, read and written by a backward, read twice and written once by forward + backward), that
+rate as a percentage of the device copy bandwidth measured in the same run (a copy moves 2 bytes per
+byte copied, so the bandwidth is ``2 * size / time``), and the peak extra memory on top of the
+inputs.
 
     python bench/token_stats.py                       # CPU defaults, small shapes
     python bench/token_stats.py --device cuda --out bench/results/h100.md
@@ -20,18 +24,21 @@ bandwidth is ``2 * size / time``), and the peak extra memory on top of the input
 from __future__ import annotations
 
 import argparse
-import functools
 import gc
 import json
 import os
-import platform
-import statistics
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 
 import torch
+from common import (
+    copy_bandwidth,
+    high_water_kib,
+    median_time,
+    peak_extra_cuda,
+    reset_high_water_kib,
+    run_child,
+    versions,
+)
 
 import appo_kernels as ak
 
@@ -70,80 +77,34 @@ def has_liger() -> bool:
     return True
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def forward_only(fn: Callable) -> Callable:
+    """``make(x, y)`` returning a call of ``fn(x, y)``."""
+    return lambda x, y: lambda: fn(x, y)
 
 
-def median_time(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> float:
-    """Median wall time of ``fn`` in seconds (CUDA events on GPU)."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def forward_backward(fn: Callable) -> Callable:
+    """``make(x, y)`` returning forward + backward of ``sum(logprob) + sum(entropy)``."""
+
+    def make(x, y):
+        leaf = x.detach().requires_grad_()
+
+        def call():
+            leaf.grad = None
+            logprob, entropy = fn(leaf, y)
+            (logprob.sum() + entropy.sum()).backward()
+            return logprob
+
+        return call
+
+    return make
 
 
-def copy_bandwidth(device: torch.device, nbytes: int, repeats: int) -> float:
-    """Device copy bandwidth in bytes/s: ``2 * nbytes / t`` for a ``nbytes`` copy."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    t = median_time(functools.partial(dst.copy_, src), device, repeats, warmup=2)
-    return 2 * nbytes / t
-
-
-def cpu_peak_extra_bytes(impl: str, rows: int, vocab: int, dtype: str) -> int:
-    """Peak resident memory added by one call, measured in a fresh subprocess from the high-water
-    mark ``VmHWM`` of /proc/self/status (``ru_maxrss`` would inherit the parent's peak across
-    fork + exec)."""
-    code = f"""
-import sys, torch
-sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
-import token_stats as b
-torch.manual_seed(0)
-x = torch.randn({rows}, {vocab}).to(b.DTYPES[{dtype!r}])
-y = torch.randint(0, {vocab}, ({rows},))
-fn = b.implementations(torch.device("cpu"))[{impl!r}]
-fn(x[:8], y[:8])  # import / first-call costs before the baseline
-def high_water_kib():
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:"))
-base = high_water_kib()
-fn(x, y)
-print((high_water_kib() - base) * 1024)
-"""
-    # A fixed mmap threshold makes glibc return every large freed buffer to the OS at once, so the
-    # high-water mark measures live memory, not what the allocator kept cached.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
-    )
-    return int(out.stdout.strip().splitlines()[-1])
-
-
-def implementations(device: torch.device) -> dict[str, Callable]:
-    impls: dict[str, Callable] = {
-        "appo_kernels.token_stats": lambda x, y: ak.token_stats(x, y),
-        "appo_kernels.branching_score": branching_score_call,
-        "eager": eager_token_stats,
-        "eager, row-chunked": chunked_eager_token_stats,
-        "torch.compile(eager)": torch.compile(eager_token_stats, dynamic=False),
-    }
-    if device.type == "cuda" and has_liger():
-        impls["liger cross_entropy (logprob only)"] = liger_logprob
-    return impls
+def backward_only(x: torch.Tensor, y: torch.Tensor) -> Callable:
+    """The token_stats backward kernel alone, from saved forward statistics."""
+    lp, entropy, row_max, log_sum = torch.ops.appo_kernels.token_stats_fwd(x, y, 1.0, -100, 0, 0)
+    g = torch.ones_like(lp)
+    op = torch.ops.appo_kernels.token_stats_bwd
+    return lambda: (op(x, y, row_max, log_sum, entropy, g, g, 1.0, -100, 0, 0), lp)[1]
 
 
 def branching_score_call(x: torch.Tensor, y: torch.Tensor):
@@ -156,40 +117,43 @@ def branching_score_call(x: torch.Tensor, y: torch.Tensor):
     return ak.branching_score(x3, y3, behavior, mask)
 
 
-def versions(device: torch.device) -> dict[str, str]:
-    info = {"torch": torch.__version__, "python": platform.python_version()}
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = "not installed"
-    if device.type == "cuda":
-        info["device"] = torch.cuda.get_device_name(device)
-        info["cuda"] = str(torch.version.cuda)
-    else:
-        info["device"] = cpu_name()
-        info["threads"] = str(torch.get_num_threads())
-    return info
-
-
-def cpu_name() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+# name -> (make(x, y) -> call, logits passes: bytes moved = passes * logits bytes)
+def implementations(device: torch.device) -> dict[str, tuple[Callable, int]]:
+    compiled = torch.compile(eager_token_stats)
+    impls = {
+        "appo_kernels.token_stats": (forward_only(ak.token_stats), 1),
+        "appo_kernels.branching_score": (forward_only(branching_score_call), 1),
+        "eager": (forward_only(eager_token_stats), 1),
+        "eager, row-chunked": (forward_only(chunked_eager_token_stats), 1),
+        "torch.compile(eager)": (forward_only(compiled), 1),
+        "appo_kernels.token_stats backward": (backward_only, 2),
+        "appo_kernels.token_stats fwd+bwd": (forward_backward(ak.token_stats), 3),
+        "eager fwd+bwd": (forward_backward(eager_token_stats), 3),
+        "torch.compile(eager) fwd+bwd": (forward_backward(compiled), 3),
+    }
+    if device.type == "cuda" and has_liger():
+        impls["liger cross_entropy (logprob only)"] = (forward_only(liger_logprob), 1)
+    return impls
 
 
-def peak_extra_cuda(fn: Callable[[], object], device: torch.device) -> int:
-    synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    fn()
-    synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - base
+def cpu_peak_extra_bytes(impl: str, rows: int, vocab: int, dtype: str) -> int:
+    """Peak resident memory added by one call, measured in a fresh subprocess."""
+    argv = ["--child-memory", impl, "--rows", str(rows), "--vocabs", str(vocab), "--dtype", dtype]
+    return int(run_child(os.path.abspath(__file__), argv))
+
+
+def child_memory(args: argparse.Namespace) -> None:
+    """The subprocess side of ``cpu_peak_extra_bytes``: prints the bytes one call adds."""
+    torch.manual_seed(0)
+    rows, vocab = args.rows[0], args.vocabs[0]
+    x = torch.randn(rows, vocab).to(DTYPES[args.dtype])
+    y = torch.randint(0, vocab, (rows,))
+    make, _ = implementations(torch.device("cpu"))[args.child_memory]
+    make(x[:8], y[:8])()  # import / first-call costs before the baseline
+    call = make(x, y)
+    base = reset_high_water_kib()
+    call()
+    print((high_water_kib() - base) * 1024)
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -209,9 +173,9 @@ def run(args: argparse.Namespace) -> list[dict]:
             y = torch.randint(0, vocab, (rows,), generator=gen).to(device)
             logits_bytes = x.numel() * x.element_size()
             reference = None
-            for name, fn in impls.items():
-                call = functools.partial(fn, x, y)
+            for name, (make, passes) in impls.items():
                 try:
+                    call = make(x, y)
                     seconds = median_time(call, device, args.repeats, args.warmup)
                     out = call()
                 except Exception as exc:  # a baseline that fails (e.g. OOM) is reported, not fatal
@@ -242,8 +206,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                     "rows": rows,
                     "dtype": args.dtype,
                     "ms": seconds * 1e3,
-                    "gbps": logits_bytes / seconds / 1e9,
-                    "pct_copy_bw": 100 * logits_bytes / seconds / bandwidth,
+                    "gbps": passes * logits_bytes / seconds / 1e9,
+                    "pct_copy_bw": 100 * passes * logits_bytes / seconds / bandwidth,
                     "peak_extra_mb": None if extra is None else extra / 2**20,
                     "logits_mb": logits_bytes / 2**20,
                     "max_abs_diff_logprob": max_err,
@@ -271,13 +235,19 @@ def markdown(results: list[dict], bandwidth: float, info: dict[str, str]) -> str
         + ", ".join(f"{k} {v}" for k, v in info.items())
         + f"; device copy bandwidth {bandwidth / 1e9:.1f} GB/s (2 x bytes / time of a copy).",
         "",
-        "| impl | V | N | dtype | time (ms) | GB/s (logits read) | % of copy bw | x vs eager "
+        "| impl | V | N | dtype | time (ms) | GB/s (logits moved) | % of copy bw | x vs eager "
+        "(same passes) "
         "| peak extra MB | logits MB |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    eager = {(r["vocab"], r["rows"]): r["ms"] for r in results if r["impl"] == "eager"}
+    eager = {
+        (r["impl"], r["vocab"], r["rows"]): r["ms"] for r in results if "eager" == r["impl"][:5]
+    }
     for r in results:
-        speedup = eager.get((r["vocab"], r["rows"]))
+        baseline = "eager fwd+bwd" if r["impl"].endswith("fwd+bwd") else "eager"
+        speedup = (
+            None if r["impl"].endswith("backward") else eager.get((baseline, r["vocab"], r["rows"]))
+        )
         speedup = "-" if speedup is None else f"{speedup / r['ms']:.2f}"
         mem = "-" if r["peak_extra_mb"] is None else f"{r['peak_extra_mb']:.1f}"
         lines.append(
@@ -304,6 +274,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="on CPU, measure peak extra memory per call in a subprocess",
     )
     p.add_argument("--out", help="write the markdown table here")
+    p.add_argument("--child-memory", help=argparse.SUPPRESS)  # the memory subprocess
     args = p.parse_args(argv)
     on_gpu = args.device.startswith("cuda")
     args.vocabs = args.vocabs or (list(VOCABS) if on_gpu else [32000, 151936])
@@ -314,6 +285,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.child_memory:
+        child_memory(args)
+        return
     results, bandwidth = run(args)
     table = markdown(results, bandwidth, versions(torch.device(args.device)))
     print()

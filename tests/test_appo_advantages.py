@@ -1,4 +1,4 @@
-"""Procedure-level advantages (SPEC 2.5) against a plain float64 loop reference, on hand-made
+"""Procedure-level advantages (docs/design.md §8) against a float64 loop reference, on hand-made
 rollout trees and random ones."""
 
 import math
@@ -11,7 +11,7 @@ from appo.advantages import procedure_advantages
 
 
 def reference_advantages(rewards, group_ids, is_branch, parent, split, mask, train_branches=False):
-    """SPEC 2.5 written directly, one row and token at a time, in float64."""
+    """The definition written directly, one row and token at a time, in float64."""
     rows, length = len(rewards), len(mask[0]) if len(mask) else 0
     a_hat = []
     for i in range(rows):
@@ -83,7 +83,7 @@ def test_hand_made_tree_matches_reference(train_branches):
 
 
 def test_hand_made_tree_structure():
-    """Properties that follow from SPEC 2.5 without the reference."""
+    """Properties that follow from the definition without the reference."""
     args = hand_made_tree()
     got = procedure_advantages(*as_tensors(*args))
     trained = procedure_advantages(*as_tensors(*args), train_branches=True)
@@ -214,7 +214,7 @@ def test_bad_input_names_the_argument(index, value, error, match):
 )
 def test_std_convention_hand_worked(std, one, zero):
     """Rewards [1, 0, 0, 1, 1]: mean 0.6, squared deviations sum to 1.2, so the variance is 0.24
-    (population, SPEC 2.5) or 0.3 (n − 1, verl's GRPO). A set of one gets 0 either way."""
+    (population, the default) or 0.3 (n − 1, verl's GRPO). A set of one gets 0 either way."""
     rewards = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0]
     args = as_tensors(rewards, [0] * 5 + [1], [False] * 6, [-1] * 6, [-1] * 6, [[1] * 3] * 6)
     got = procedure_advantages(*args, std=std)[:, 0].double()

@@ -1,4 +1,4 @@
-"""Future-likelihood advantage scaling (SPEC 2.6) and the dual-clip PPO loss (SPEC 2.7) against
+"""Future-likelihood advantage scaling and the dual-clip PPO loss (docs/design.md §9) against
 plain float64 loop references; gradients against float64 autograd of the reference; masked
 (tool-output, padding) tokens contribute exactly nothing."""
 
@@ -64,7 +64,7 @@ def reference_loss(
     kl_clamp=None,
     max_dual_clipped_per_row=None,
 ):
-    """Token-by-token SPEC 2.7 on float64 scalars (autograd flows to ``logprob``); also returns
+    """The loss token by token on float64 scalars (autograd flows to ``logprob``); also returns
     the token counts of each clipping regime. With ``max_dual_clipped_per_row``, rows with more
     dual-clipped tokens are skipped; with ``kl_clamp``, each k3 is clamped."""
     pg, kl, ent, tokens = 0.0, 0.0, 0.0, 0
@@ -138,7 +138,7 @@ def test_future_likelihood_scale_matches_reference(backend, options):
 
 
 def test_future_likelihood_scale_exercises_every_branch():
-    """The default case's inputs hit each clause of SPEC 2.6 (else the comparison above is weak)."""
+    """The default case's inputs hit every clause (else the comparison above is weak)."""
     logprob, old, adv, mask, _, _ = random_batch(1)
     factor = (future_likelihood_scale(adv, logprob, old, mask) / adv - 1)[mask.bool()]
     at_low, at_high = (factor - 1.0).abs() < 1e-6, (factor - 1.2).abs() < 1e-6

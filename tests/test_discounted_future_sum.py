@@ -1,18 +1,14 @@
-"""discounted_future_sum against a float64 loop, on both backends (SPEC section 2.2)."""
+"""discounted_future_sum against a float64 loop, on both backends."""
 
 import math
 
 import pytest
 import torch
-from scan_score_reference import (
-    assert_close_to_ref,
-    assert_compiles_without_spills,
-    assert_rejects,
-    discounted_sum_ref,
-    random_mask,
-)
+from reference import discounted_sum_ref
+from utils import assert_close_to_ref, assert_compiles_without_spills, assert_rejects, random_mask
 
-from appo_kernels.discounted_future_sum import MAX_BLOCK, discounted_future_sum
+from appo_kernels._rows import MAX_BLOCK
+from appo_kernels.discounted_future_sum import discounted_future_sum
 
 # (B, T): one position; one short block; several blocks with T not a multiple of MAX_BLOCK.
 SHAPES = [(3, 1), (5, 37), (3, 2 * MAX_BLOCK + 77)]
@@ -58,6 +54,21 @@ def test_nan_reaches_only_earlier_positions_of_its_row(backend, device, gen):
     expected, scale = discounted_sum_ref(values, mask, 0.9)
     rows = torch.tensor([0, 2])
     assert_close_to_ref(out[rows], expected[rows], scale[rows])
+
+
+@pytest.mark.parametrize("T, k", [(400, 300), (MAX_BLOCK + 77, MAX_BLOCK + 70)])
+def test_infinity_reaches_every_earlier_position_after_the_decay_underflows(backend, device, T, k):
+    """gamma^(k-t) underflows to 0 in float32 far before an infinite value, but the weight is
+    positive: -inf must reach every earlier position (0 * -inf gave NaN), within a block and
+    across blocks; a finite value there adds 0, and +inf meeting -inf gives NaN."""
+    values = torch.zeros(3, T)
+    values[:, k] = -math.inf
+    values[1, 5] = 1.0
+    values[2, 5] = math.inf
+    mask = torch.ones(3, T, dtype=torch.bool)
+    out = discounted_future_sum(values.to(device), mask.to(device), gamma=0.5).cpu()
+    assert torch.all(out[:2, : k + 1] == -math.inf) and torch.all(out[:, k + 1 :] == 0)
+    assert out[2, :6].isnan().all() and torch.all(out[2, 6 : k + 1] == -math.inf)
 
 
 def test_strided_inputs(backend, device, gen):

@@ -1,18 +1,13 @@
-"""future_value against a float64 loop, on both backends (SPEC section 2.3)."""
+"""future_value against a float64 loop, on both backends."""
 
 import math
 
 import pytest
 import torch
-from scan_score_reference import (
-    assert_close_to_ref,
-    assert_compiles_without_spills,
-    assert_rejects,
-    future_value_ref,
-    random_mask,
-)
+from reference import future_value_ref
+from utils import assert_close_to_ref, assert_compiles_without_spills, assert_rejects, random_mask
 
-from appo_kernels.discounted_future_sum import MAX_BLOCK
+from appo_kernels._rows import MAX_BLOCK
 from appo_kernels.future_value import future_value
 
 
@@ -64,6 +59,16 @@ def test_nan_reaches_only_earlier_positions_of_its_row(backend, device, gen):
     assert out[2, : k + 1].isnan().all() and out[2, k + 1 :].isfinite().all()
     expected = future_value_ref(logprob, behavior, mask, 0.9, 0.2)
     assert_close_to_ref(out[:2], expected[:2])
+
+
+def test_infinite_log_ratio_after_the_decay_underflows_gives_the_clip_bound(backend, device):
+    """A -inf log-ratio 300 positions after t with gamma = 0.5: G_t = -inf, Omega_t = 1 - clip
+    (the PyTorch path gave NaN once gamma^(k-t) underflowed in float32)."""
+    logprob, behavior = torch.zeros(2, 400), torch.zeros(2, 400)
+    logprob[:, 300] = -math.inf
+    mask = torch.ones(2, 400, dtype=torch.bool)
+    out = future_value(logprob.to(device), behavior.to(device), mask.to(device), gamma=0.5).cpu()
+    assert torch.all(out[:, :301] == torch.tensor(0.8)) and torch.all(out[:, 301:] == 1.0)
 
 
 def test_mixed_dtypes_and_strided_inputs(backend, device, gen):

@@ -1,12 +1,13 @@
-"""select_branch_points against a brute-force sort, on both backends (SPEC section 2.4)."""
+"""select_branch_points against a brute-force sort, on both backends."""
 
 import math
 
 import pytest
 import torch
-from scan_score_reference import assert_compiles_without_spills, assert_rejects, select_ref
+from reference import select_ref
+from utils import assert_compiles_without_spills, assert_rejects
 
-from appo_kernels.discounted_future_sum import MAX_BLOCK
+from appo_kernels._rows import MAX_BLOCK
 from appo_kernels.select_branch_points import BranchPoints, select_branch_points
 
 
@@ -100,9 +101,26 @@ def test_empty_inputs(backend, device, B, T):
     group_ids = torch.zeros(B, dtype=torch.int64, device=device)
     out = select_branch_points(score, candidates, group_ids, 3)
     assert out.rows.shape == out.positions.shape == out.scores.shape == (min(B, 1), 3)
-    out = select_branch_points(score, candidates, group_ids, 3, num_groups=2)
+    out = select_branch_points(score, candidates, group_ids, 3, num_groups=min(B, 2))
     assert torch.all(out.rows == -1) and torch.all(out.positions == -1)
-    assert torch.all(out.scores == -math.inf) and out.rows.shape == (2, 3)
+    assert torch.all(out.scores == -math.inf) and out.rows.shape == (min(B, 2), 3)
+
+
+def test_implausible_group_counts_are_rejected_before_allocating(device):
+    """num_groups=10**9, or one stray group id of 10**9 with num_groups left out, allocated
+    [G, budget] outputs until the process ran out of memory: a prompt group is a set of rows, so
+    there are at most B of them; and the outputs hold at most max(B * T, 65536) slots."""
+    score = torch.randn(4, 6, device=device)
+    candidates = torch.ones(4, 6, dtype=torch.bool, device=device)
+    groups = torch.tensor([0, 1, 1, 10**9], device=device)
+    f = select_branch_points
+    assert_rejects(ValueError, "group_ids", f, score, candidates, groups, 2)
+    assert_rejects(ValueError, "num_groups", f, score, candidates, groups % 4, 2, num_groups=10**9)
+    assert_rejects(ValueError, "num_groups", f, score, candidates, groups % 4, 2, num_groups=5)
+    assert f(score, candidates, groups % 4, 2, num_groups=4).rows.shape == (4, 2)
+    assert f(score, candidates, groups % 4, 2**14, num_groups=4).rows.shape == (4, 2**14)
+    assert_rejects(ValueError, "budget", f, score, candidates, groups % 4, 2**14 + 1, num_groups=4)
+    assert_rejects(ValueError, "budget", f, score, candidates, groups % 2, 2**15 + 1)  # G = 2
 
 
 def test_bad_input(device):

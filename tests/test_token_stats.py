@@ -8,8 +8,10 @@ multi-chunk, rescaling and vocabulary-split paths run at small V under the inter
 import pytest
 import torch
 from aot import ARCHS, KernelCase, compile_kernels
+from reference import token_stats_grad_ref, token_stats_ref
 
 from appo_kernels.token_stats import (
+    BACKWARD,
     TokenStats,
     _launch_config,
     _row_view,
@@ -29,16 +31,6 @@ GRAD_TOL = {
 }
 
 
-def reference(logits, tokens, temperature=1.0, ignore_index=-100):
-    """float64 log_softmax of logits / tau; -inf entries contribute 0 to the entropy."""
-    logp = torch.log_softmax(logits.double() / temperature, dim=-1)
-    p = logp.exp()
-    entropy = -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)
-    ignored = tokens == ignore_index
-    picked = logp.gather(-1, tokens.masked_fill(ignored, 0).long().unsqueeze(-1)).squeeze(-1)
-    return picked.masked_fill(ignored, 0.0), entropy
-
-
 def random_case(gen, shape, vocab, dtype, scale=3.0, ignore_every=4):
     logits = (torch.randn(*shape, vocab, generator=gen) * scale).to(dtype)
     tokens = torch.randint(0, vocab, shape, generator=gen)
@@ -48,7 +40,7 @@ def random_case(gen, shape, vocab, dtype, scale=3.0, ignore_every=4):
 
 
 def assert_stats_close(out, logits, tokens, **kwargs):
-    ref_lp, ref_h = reference(logits, tokens, **kwargs)
+    ref_lp, ref_h = token_stats_ref(logits, tokens, **kwargs)
     assert isinstance(out, TokenStats)
     for got, want in zip(out, (ref_lp, ref_h)):
         assert got.dtype == torch.float32 and got.shape == want.shape
@@ -186,23 +178,40 @@ def test_empty_inputs(backend, shape):
 def test_launch_config():
     cpu = torch.device("cpu")
     bf16 = _launch_config(16384, 151936, torch.bfloat16, cpu)
-    assert (bf16.block_v, bf16.num_warps, bf16.num_splits) == (4096, 8, 1)  # 2 x 16 B per thread
+    assert (bf16.block_v, bf16.num_warps, bf16.num_splits) == (512, 2, 1)  # 16 B per thread
     fp32 = _launch_config(64, 32000, torch.float32, cpu)
-    assert (fp32.block_v, fp32.num_warps) == (2048, 8)
+    assert (fp32.block_v, fp32.num_warps) == (256, 2)
+    backward = _launch_config(64, 32000, torch.bfloat16, cpu, shape=BACKWARD)
+    assert (backward.block_v, backward.num_warps) == (4096, 8)  # 2 x 16 B per thread
     assert _launch_config(4, 50, torch.float16, cpu).block_v == 64  # capped by the row
     forced = _launch_config(2, 100, torch.float32, cpu, block_v=16, num_splits=3)
     assert forced.cols_per_split == 48 and forced.num_splits == 3  # 7 chunks -> 3 + 3 + 1
     assert _launch_config(2, 40, torch.float32, cpu, block_v=16, num_splits=9).num_splits == 3
 
 
+def test_extreme_temperatures_stay_finite(backend, gen):
+    """x / tau would overflow float32 at tau = 1e-30 and 1 / tau underflow at 1e30; the kernels
+    scale x - max instead, so the limits come out right: argmax at tau -> 0, uniform over the
+    finite entries at tau -> inf."""
+    logits = torch.randn(3, 40, generator=gen) * 5
+    logits[2, 10:] = float("-inf")  # 10 finite entries
+    top = logits.argmax(-1)
+    other = (top + 1) % 10
+    lp, h = token_stats(logits, top, temperature=1e-30, _block_v=SMALL_BLOCK)
+    assert (h == 0).all() and (lp == 0).all(), (lp, h)
+    lp, _ = token_stats(logits, other, temperature=1e-30, _block_v=SMALL_BLOCK)
+    assert (lp < -1e28).all(), lp  # (x_y - max) / tau: finite or -inf, never NaN
+    lp, h = token_stats(logits, other, temperature=1e30, _block_v=SMALL_BLOCK)
+    log10, log40 = torch.tensor(10.0).log(), torch.tensor(40.0).log()
+    torch.testing.assert_close(h, torch.stack([log40, log40, log10]))
+    torch.testing.assert_close(lp, -torch.stack([log40, log40, log10]))
+    logits.requires_grad_()
+    lp, h = token_stats(logits, other, temperature=1e-30, _block_v=SMALL_BLOCK)
+    (lp.sum() + h.sum()).backward()
+    assert not logits.grad.isnan().any()
+
+
 # ----------------------------------------------------------------------------------- backward
-
-
-def reference_grad(logits, tokens, g_lp, g_h, **kwargs):
-    x = logits.detach().double().requires_grad_()
-    lp, h = reference(x, tokens, **kwargs)
-    torch.autograd.backward((lp, h), (g_lp.double(), g_h.double()))
-    return x.grad
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -216,7 +225,7 @@ def test_gradients_match_float64_autograd(backend, dtype, gen):
     lp, h = token_stats(logits, tokens, temperature=0.8, _block_v=SMALL_BLOCK)
     torch.autograd.backward((lp, h), (g_lp, g_h))
     assert logits.grad.dtype == dtype and logits.grad.shape == logits.shape
-    want = reference_grad(logits, tokens, g_lp, g_h, temperature=0.8).to(dtype)
+    want = token_stats_grad_ref(logits, tokens, g_lp, g_h, temperature=0.8).to(dtype)
     torch.testing.assert_close(logits.grad, want, **GRAD_TOL[dtype])
     assert (logits.grad[0, 1, 30:] == 0).all()
 
@@ -233,7 +242,7 @@ def test_gradient_of_one_output_and_of_a_view(backend, gen):
         ones = torch.ones(2, 4)
         g_lp, g_h = (ones, zeros) if pick == "logprob" else (zeros, ones)
         want = torch.zeros(2, 5, 23, dtype=torch.float64)
-        want[:, :-1] = reference_grad(base[:, :-1], tokens, g_lp, g_h)
+        want[:, :-1] = token_stats_grad_ref(base[:, :-1], tokens, g_lp, g_h)
         torch.testing.assert_close(base.grad.double(), want, **GRAD_TOL[torch.float32])
 
 
@@ -281,7 +290,7 @@ def test_bad_inputs(backend):
         for logits, tokens in cases:
             with pytest.raises(ValueError, match=name):
                 token_stats(logits, tokens)
-    for temperature in (0.0, -1.0, float("nan"), float("inf")):
+    for temperature in (0.0, -1.0, float("nan"), float("inf"), 1e-31, 1e31):
         with pytest.raises(ValueError, match="temperature"):
             token_stats(x, y, temperature=temperature)
     with pytest.raises(TypeError, match="temperature"):
@@ -295,15 +304,22 @@ def test_bad_inputs(backend):
 # ----------------------------------------------------------------------- GPU compile (no GPU)
 
 MODULE = "appo_kernels.token_stats"
+DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+CPU = torch.device("cpu")
 ROW_ARGS = {"V": "i32", "T1": "i32", "stride_outer": "i64", "stride_inner": "i64"}
 ALIGNED = ("x_ptr", "V", "stride_outer", "stride_inner")
 
 
 def _cases(dtype, arch):
     """Every kernel, specialised like the JIT does for contiguous aligned rows."""
-    block_v = 4096 if dtype != "fp32" else 2048
+    # The default launch configurations (see _launch_config): two 16-byte loads per thread.
+    forward = _launch_config(16384, 151936, getattr(torch, DTYPE_NAMES[dtype]), CPU)
+    backward = _launch_config(
+        16384, 151936, getattr(torch, DTYPE_NAMES[dtype]), CPU, shape=BACKWARD
+    )
     stats = {
-        f"{n}_ptr": "*fp32" for n in ("logprob", "entropy", "lse", "part_m", "part_s", "part_a")
+        f"{n}_ptr": "*fp32"
+        for n in ("logprob", "entropy", "row_max", "log_sum", "part_m", "part_s", "part_a")
     }
     fwd = {
         "x_ptr": f"*{dtype}",
@@ -320,7 +336,8 @@ def _cases(dtype, arch):
     bwd = {
         "x_ptr": f"*{dtype}",
         "tokens_ptr": "*i64",
-        "lse_ptr": "*fp32",
+        "row_max_ptr": "*fp32",
+        "log_sum_ptr": "*fp32",
         "entropy_ptr": "*fp32",
         "grad_logprob_ptr": "*fp32",
         "grad_entropy_ptr": "*fp32",
@@ -336,18 +353,18 @@ def _cases(dtype, arch):
             MODULE,
             "_token_stats_fwd_kernel",
             fwd,
-            {"BLOCK_V": block_v, "SPLIT": False},
+            {"BLOCK_V": forward.block_v, "SPLIT": False},
             split_aligned,
-            num_warps=8,
+            num_warps=forward.num_warps,
             arch=arch,
         ),
         KernelCase(
             MODULE,
             "_token_stats_fwd_kernel",
             fwd,
-            {"BLOCK_V": block_v, "SPLIT": True},
+            {"BLOCK_V": forward.block_v, "SPLIT": True},
             split_aligned,
-            num_warps=8,
+            num_warps=forward.num_warps,
             arch=arch,
         ),
         KernelCase(
@@ -363,9 +380,9 @@ def _cases(dtype, arch):
             MODULE,
             "_token_stats_bwd_kernel",
             bwd,
-            {"HAS_GRAD_LOGPROB": True, "HAS_GRAD_ENTROPY": True, "BLOCK_V": block_v},
+            {"HAS_GRAD_LOGPROB": True, "HAS_GRAD_ENTROPY": True, "BLOCK_V": backward.block_v},
             (*split_aligned, "dx_ptr"),
-            num_warps=8,
+            num_warps=backward.num_warps,
             arch=arch,
         ),
     ]

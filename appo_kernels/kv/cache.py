@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from appo_kernels._validation import (
+from appo_kernels.kv import ops
+from appo_kernels.validation import (
     FLOAT_DTYPES,
     check_count,
     check_device,
@@ -39,7 +40,6 @@ from appo_kernels._validation import (
     check_shape,
     min_max,
 )
-from appo_kernels.kv import ops
 
 
 class KVCacheFull(RuntimeError):

@@ -1,4 +1,4 @@
-"""Argument checks shared by every public op (SPEC section 4).
+"""Argument checks shared by every public op (docs/design.md, section 10).
 
 Each helper raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong shape,
 device or value) with a message naming the argument, what was expected and what was given.
@@ -6,6 +6,7 @@ device or value) with a message naming the argument, what was expected and what 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -15,8 +16,13 @@ INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 def check_tensor(name: str, x: object) -> torch.Tensor:
+    """A dense (strided) ``torch.Tensor``: sparse, nested and quantized tensors are rejected
+    here rather than failing inside an op with an unrelated message."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_nested or x.is_quantized or x.layout != torch.strided:
+        kind = "nested" if x.is_nested else "quantized" if x.is_quantized else str(x.layout)
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a {kind} tensor")
     return x
 
 
@@ -75,30 +81,44 @@ def check_same_device(named: dict[str, torch.Tensor]) -> torch.device:
     return first.device
 
 
-def _check_real(name: str, value: object) -> None:
+def shown(value: int | float) -> int | float | str:
+    """``value`` for an error message: huge ints (which print as hundreds of digits, or not at
+    all past Python's int-to-str limit) by their size."""
+    if isinstance(value, int) and abs(value) >= 1 << 63:
+        return f"an int of {value.bit_length()} bits"
+    return value
+
+
+def _real(name: str, value: object) -> float:
+    """A Python int or float (not bool) as a float; ints beyond the float range are an error
+    rather than an OverflowError."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be a finite number, got {shown(value)}") from None
 
 
 def check_positive(name: str, value: object) -> float:
-    _check_real(name, value)
-    if not value > 0 or value != value or value == float("inf"):
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return float(value)
+    real = _real(name, value)
+    if not 0.0 < real < math.inf:
+        raise ValueError(f"{name} must be a finite number > 0, got {shown(value)}")
+    return real
 
 
 def check_gamma(name: str, value: object) -> float:
-    _check_real(name, value)
-    if not 0.0 < value <= 1.0:
-        raise ValueError(f"{name} must be in (0, 1], got {value}")
-    return float(value)
+    real = _real(name, value)
+    if not 0.0 < real <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {shown(value)}")
+    return real
 
 
 def check_nonneg(name: str, value: object) -> float:
-    _check_real(name, value)
-    if not value >= 0 or value == float("inf"):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-    return float(value)
+    real = _real(name, value)
+    if not 0.0 <= real < math.inf:
+        raise ValueError(f"{name} must be a finite number >= 0, got {shown(value)}")
+    return real
 
 
 def check_count(name: str, value: object, minimum: int = 0) -> int:
@@ -106,16 +126,25 @@ def check_count(name: str, value: object, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+        raise ValueError(f"{name} must be an int >= {minimum}, got {shown(value)}")
+    return value
+
+
+def check_int64(name: str, value: object) -> int:
+    """A Python int (not bool) that fits int64, as the custom ops' ``int`` arguments must."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not -(1 << 63) <= value < 1 << 63:
+        raise ValueError(f"{name} must fit int64 ([-2^63, 2^63)), got {shown(value)}")
     return value
 
 
 def check_fraction(name: str, value: object) -> float:
     """A real number in [0, 1): clip ranges, probabilities of leaving something out."""
-    _check_real(name, value)
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value}")
-    return float(value)
+    real = _real(name, value)
+    if not 0.0 <= real < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {shown(value)}")
+    return real
 
 
 def capturing_cuda_graph(x: torch.Tensor) -> bool:

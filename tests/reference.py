@@ -1,28 +1,43 @@
-"""Plain float64 references and shared helpers for the scan, score and selection op tests.
-
-The references follow SPEC sections 2.2-2.4 literally (Python loops over positions and rows) so
-that they are easy to check by eye; they are slow, so the tests keep shapes small.
+"""Plain float64 references of every scoring op of ``appo_kernels``, written from the math in
+docs/design.md (Python loops over positions and rows where that is clearer than vector code), so
+that they are easy to check by eye. They are slow: the tests keep shapes small.
 """
 
 from __future__ import annotations
 
 import math
 
-import pytest
 import torch
-from aot import ARCHS, KernelCase, compile_kernels
 
 
-def random_mask(gen: torch.Generator, B: int, T: int, keep: float = 0.7) -> torch.Tensor:
-    """A random bool [B, T] mask whose first row is all invalid and second row has one valid
-    position (when B allows), the edge cases every row op must handle."""
-    mask = torch.rand(B, T, generator=gen) < keep
-    if B >= 2:
-        mask[0] = False
-    if B >= 3 and T >= 1:
-        mask[1] = False
-        mask[1, T // 2] = True
-    return mask
+def token_stats_ref(logits, tokens, temperature=1.0, ignore_index=-100):
+    """(logprob, entropy) in float64 from ``log_softmax(logits / temperature)``; -inf entries
+    contribute 0 to the entropy; ``ignore_index`` rows get logprob 0."""
+    logp = torch.log_softmax(logits.double() / temperature, dim=-1)
+    p = logp.exp()
+    entropy = -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)
+    ignored = tokens == ignore_index
+    picked = logp.gather(-1, tokens.masked_fill(ignored, 0).long().unsqueeze(-1)).squeeze(-1)
+    return picked.masked_fill(ignored, 0.0), entropy
+
+
+def token_stats_grad_ref(logits, tokens, grad_logprob, grad_entropy, **kwargs):
+    """d(grad_logprob . logprob + grad_entropy . entropy) / d logits in float64 (autograd of
+    ``token_stats_ref``)."""
+    x = logits.detach().double().requires_grad_()
+    logprob, entropy = token_stats_ref(x, tokens, **kwargs)
+    torch.autograd.backward((logprob, entropy), (grad_logprob.double(), grad_entropy.double()))
+    return x.grad
+
+
+def linear_token_stats_ref(hidden, weight, tokens, bias=None, temperature=1.0, ignore_index=-100):
+    """float64 logits ``hidden @ weight.T + bias``, then ``token_stats_ref``; rows whose token is
+    ``ignore_index`` give (0, 0)."""
+    logits = hidden.double() @ weight.double().t()
+    if bias is not None:
+        logits = logits + bias.double()
+    logprob, entropy = token_stats_ref(logits, tokens, temperature, ignore_index)
+    return logprob, entropy.masked_fill(tokens == ignore_index, 0.0)
 
 
 def discounted_sum_ref(values: torch.Tensor, mask: torch.Tensor, gamma: float):
@@ -40,11 +55,13 @@ def discounted_sum_ref(values: torch.Tensor, mask: torch.Tensor, gamma: float):
 
 
 def future_value_ref(logprob, behavior_logprob, mask, gamma: float, clip: float) -> torch.Tensor:
+    """Omega_t = clip(exp(clamp(G_t(logprob - behavior_logprob), -20, 20)), 1 - clip, 1 + clip)."""
     gain, _ = discounted_sum_ref(logprob.double() - behavior_logprob.double(), mask, gamma)
     return gain.clamp(-20.0, 20.0).exp().clamp(1.0 - clip, 1.0 + clip)
 
 
 def z_score_ref(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(v - mean) / (population std + 1e-6) over each row's valid positions; 0 elsewhere."""
     out = torch.zeros(values.shape, dtype=torch.float64)
     for b in range(values.shape[0]):
         v = values[b].double()[mask[b].bool()]
@@ -56,7 +73,8 @@ def z_score_ref(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def branching_score_ref(entropy, logprob, behavior_logprob, mask, gamma: float, clip: float):
-    """(score, future_value, z_entropy, z_future) in float64 (SPEC section 2.3)."""
+    """(score, future_value, z_entropy, z_future) in float64: score = z(H) z(Omega) at valid
+    positions, -inf elsewhere."""
     omega = future_value_ref(logprob, behavior_logprob, mask, gamma, clip)
     z_entropy, z_future = z_score_ref(entropy, mask), z_score_ref(omega, mask)
     score = torch.where(mask.bool(), z_entropy * z_future, -math.inf)
@@ -64,7 +82,8 @@ def branching_score_ref(entropy, logprob, behavior_logprob, mask, gamma: float, 
 
 
 def select_ref(score, candidates, group_ids, budget: int, preferred=None, num_groups=None):
-    """Brute force: per group, sort candidate tuples (-tier, -score, row, position)."""
+    """Brute force: per group, sort candidate tuples (-tier, -score, row, position); repeat the
+    ranking to fill ``budget`` slots; (-1, -1, -inf) for a group without candidates."""
     G = int(group_ids.max()) + 1 if num_groups is None else num_groups
     rows = torch.full((G, budget), -1, dtype=torch.int64)
     positions = torch.full((G, budget), -1, dtype=torch.int64)
@@ -82,34 +101,3 @@ def select_ref(score, candidates, group_ids, budget: int, preferred=None, num_gr
             _, neg_score, rows[g, j], positions[g, j] = ranked[j % len(ranked)]
             scores[g, j] = -neg_score
     return rows, positions, scores
-
-
-def assert_close_to_ref(actual: torch.Tensor, expected: torch.Tensor, scale=1.0, tol=1e-5):
-    """|actual - expected| <= tol * (scale + 1) elementwise, with equal non-finite patterns."""
-    assert actual.dtype == torch.float32
-    assert actual.shape == expected.shape
-    actual = actual.double()
-    assert torch.equal(actual.isnan(), expected.isnan())
-    finite = expected.isfinite()
-    assert torch.equal(actual[~finite & ~expected.isnan()], expected[~finite & ~expected.isnan()])
-    error = (actual - expected).abs()[finite]
-    limit = (tol * (torch.as_tensor(scale, dtype=torch.float64).expand(expected.shape) + 1))[finite]
-    assert bool((error <= limit).all()), f"max error {error.max():.3g}"
-
-
-def assert_rejects(exc: type, arg_name: str, fn, *args, **kwargs) -> None:
-    """``fn`` raises ``exc`` with a message that names ``arg_name``."""
-    with pytest.raises(exc, match=arg_name):
-        fn(*args, **kwargs)
-
-
-def assert_compiles_without_spills(module: str, kernel: str, signature: dict, constexpr_sets):
-    """AOT-compiles ``kernel`` for every arch in ``aot.ARCHS`` and every constexpr set; asserts
-    no LOCAL (spill) memory."""
-    cases = [
-        KernelCase(module, kernel, signature, constexprs, arch=arch)
-        for arch in ARCHS
-        for constexprs in constexpr_sets
-    ]
-    for case, result in zip(cases, compile_kernels(cases)):
-        assert result.local == 0, f"{kernel} sm_{case.arch} {case.constexprs}: {result}"

@@ -1,0 +1,8 @@
+"""APPO and the kernels inside other trainers.
+
+- ``appo.integrations.verl``: verl plug-in (policy losses, advantage estimator, ``use_kernels``,
+  ``select_branches``); needs ``pip install 'appo-kernels[verl]'``.
+- ``appo.integrations.trl``: ``KernelGRPOTrainer``; needs ``pip install 'appo-kernels[trl]'``.
+
+Each module imports its trainer package and fails with one clear ``ImportError`` without it.
+"""
