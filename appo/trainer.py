@@ -240,6 +240,9 @@ class Trainer:
         """Supervised fine-tune on demonstrations (loss on the policy's tokens only; observation
         tokens excluded, as in RL). Returns the loss of each step. The sampler starts from the
         fine-tuned weights."""
+        check_count("steps", steps)
+        if steps and not tasks:
+            raise ValueError("tasks must hold at least one task for a cold start, got none")
         optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=self.config.cold_start_lr, weight_decay=0.0
         )

@@ -11,7 +11,7 @@ as JSON.
 Settings:
 
 * ``cpu``: a 0.47M-parameter Llama over a word-level vocabulary of the task (tags, words,
-  digits; about 180 tokens), cold-started in rounds of 50 supervised steps until it answers 30%
+  digits; 193 tokens), cold-started in rounds of 50 supervised steps until it answers 30%
   of 64 validation questions (600-950 steps for seeds 0-2), then 64k policy tokens of RL per
   algorithm (about 150 steps of 4 prompts x (4 + 2) rollouts). A pretrained LM is out of reach
   here: SmolLM2 takes tens of seconds per RL step on 2 cores, so 9 runs in 20 minutes would be a

@@ -219,3 +219,13 @@ def test_policy_token_stats_from_hidden_states_match_full_logits(family):
     for a, b in zip(got_grads, want_grads):
         if b is not None:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_cold_start_refuses_no_tasks_and_bad_step_counts():
+    model, tokenizer = tiny_model(seed=0)
+    trainer = Trainer(model, tokenizer, TrainConfig(max_new_tokens=4), max_concurrent=2)
+    with pytest.raises(ValueError, match="tasks"):
+        trainer.cold_start([], 3)
+    with pytest.raises(ValueError, match="steps"):
+        trainer.cold_start(make_tasks(0, 2), -1)
+    assert trainer.cold_start([], 0) == []
