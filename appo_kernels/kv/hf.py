@@ -106,7 +106,7 @@ class _PagedStep(Cache):
             states.transpose(1, 2).flatten(0, 1).index_select(0, self.token_index).to(dtype)
             for states in (key_states, value_states)
         )
-        self.cache._write_reserved(layer_idx, new_keys, new_values, self.slots)
+        self.cache.write_reserved(layer_idx, new_keys, new_values, self.slots)
         if self.flash_attn is not None:
             return key_states, value_states
         keys, values = gather_padded(
