@@ -10,6 +10,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
@@ -81,6 +84,60 @@ def test_gather_padded_matches_loop(dtype, head_dim, gen):
             for t in range(n):
                 expected[b, :, t] = cache[table[b, t // block_size], t % block_size]
         assert got.is_contiguous() and torch.equal(_bits(got), _bits(expected))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ops_pass_opcheck(dtype, device, gen):
+    """``torch.library.opcheck`` on each KV op (schema and declared mutations, fake kernel, autograd
+    registration, AOT dispatch), on this machine's device: the PyTorch path here, the CUDA
+    extension where it is built."""
+    layers, blocks, block_size, heads, head_dim = 2, 6, 4, 2, 8
+    kv = _randn((layers, 2, blocks, block_size, heads, head_dim), dtype, gen).to(device)
+    index = dict(dtype=torch.int64, device=device)
+    samples = {
+        "copy_block_prefix": [
+            (kv, torch.tensor([0, 0, 1], **index), torch.tensor([3, 4, 5], **index), n)
+            for n in (1, block_size)
+        ],
+        "write_slots": [
+            (
+                kv[1, 0],
+                kv[1, 1],
+                _randn((tokens, heads, head_dim), dtype, gen).to(device),
+                _randn((tokens, heads, head_dim), dtype, gen).to(device),
+                torch.randperm(blocks * block_size, generator=gen)[:tokens].to(device),
+            )
+            for tokens in (1, 9)
+        ],
+        "gather_padded": [
+            (
+                kv[0, 0],
+                kv[0, 1],
+                torch.randint(0, blocks, (3, 3), generator=gen, dtype=torch.int32).to(device),
+                torch.tensor([0, 5, 11], **index),
+                11,
+            )
+        ],
+    }
+    assert set(samples) == set(ops.SCHEMAS)
+    for name, cases in samples.items():
+        for args in cases:
+            torch.library.opcheck(getattr(torch.ops.appo_kernels_kv, name).default, args)
+
+
+def test_op_schemas_match_the_cuda_binding():
+    """ops.py defines the schemas itself when the extension is not built: they must be the ones
+    csrc/kv_cache_bindings.cpp defines (adjacent C++ string literals joined)."""
+    binding = (Path(__file__).parent.parent / "csrc" / "kv_cache_bindings.cpp").read_text()
+    defined = [
+        "".join(re.findall(r'"([^"]*)"', call))
+        for call in re.findall(r"m\.def\((.*?)\);", binding, flags=re.S)
+    ]
+    assert sorted(defined) == sorted(ops.SCHEMAS.values())
+    for name, schema in ops.SCHEMAS.items():
+        assert str(getattr(torch.ops.appo_kernels_kv, name).default._schema) == (
+            f"{ops.NAMESPACE}::{schema}"
+        )
 
 
 # ------------------------------------------------------------------------------------------------
