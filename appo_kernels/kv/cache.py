@@ -122,6 +122,7 @@ class PagedKVCache:
         self._seqs: dict[int, _Sequence] = {}
         self._next_sid = 0
         self._stats = KVCacheStats()
+        self._edits = 0
 
     # ------------------------------------------------------------------------------------------
     # inspection
@@ -144,6 +145,14 @@ class PagedKVCache:
     def sequences(self) -> list[int]:
         """Live sequence ids, in creation order."""
         return list(self._seqs)
+
+    @property
+    def edits(self) -> int:
+        """How many calls so far could have changed K/V that a live sequence already held
+        (``truncate``, then new tokens where old ones were; ``write``, whose slots may be anyone's).
+        A reader that keeps a copy of cached K/V across steps (the transformers adapter's dense
+        mirror) re-reads the blocks when this changes."""
+        return self._edits
 
     def seq_len(self, sid: int) -> int:
         """Reserved tokens of sequence ``sid``."""
@@ -255,6 +264,7 @@ class PagedKVCache:
                 )
         del seq.blocks[keep:]
         seq.length = length
+        self._edits += 1
         for block in dropped:
             self._release(block)
         if copy_tail:
@@ -309,6 +319,7 @@ class PagedKVCache:
             )
         if repeats:
             raise ValueError(f"slots must be distinct, got {repeats} repeated slot id(s)")
+        self._edits += 1
         self.write_reserved(layer, key, value, slots)
 
     def write_reserved(
