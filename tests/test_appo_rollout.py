@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from appo.model import prompt_ids, tiny_model
-from appo.rollout import IGNORE_INDEX, RolloutBatch, RolloutConfig, RolloutEngine
+from appo.rollout import (
+    IGNORE_INDEX,
+    RolloutBatch,
+    RolloutConfig,
+    RolloutEngine,
+    sample_categorical,
+)
 from appo.tasks import Task, reward
 from appo.trainer import TrainConfig, Trainer
 from appo_kernels.kv import KVCacheFull
@@ -252,3 +258,34 @@ def test_without_tools_tags_are_plain_text(tiny):
     assert tokenizer.decode(rollout.tokens) == "<calc>1+1</c"
     assert rollout.tool_calls == 0 and not any(rollout.is_observation)
     assert rollout.stop == "length"
+
+
+# ----------------------------------------------------------------------------------------------
+# sampling
+# ----------------------------------------------------------------------------------------------
+def test_sample_categorical_draws_from_the_distribution():
+    weights = torch.tensor([0.1, 0.0, 0.4, 0.2, 0.3, 0.0]) * 3.7  # any positive total
+    draws = 40000
+    tokens = sample_categorical(weights.expand(draws, 6), torch.Generator().manual_seed(0))
+    assert tokens.dtype == torch.int64 and tokens.shape == (draws,)
+    counts = torch.bincount(tokens, minlength=6).double()
+    p = (weights / weights.sum()).double()
+    sigma = (draws * p * (1 - p)).sqrt()
+    assert counts[1] == 0 and counts[5] == 0  # zero-probability tokens never come up
+    assert ((counts - draws * p).abs() <= 5 * sigma + 1e-9).all(), counts
+
+
+def test_sample_categorical_edges(monkeypatch):
+    probs = torch.tensor([[0.0, 0.5, 0.5, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0]])
+    # u = 1 stands for u * total rounding up to the total: still the last possible token
+    for u, want in ((0.0, [1, 0]), (0.5, [2, 0]), (0.49, [1, 0]), (1.0, [2, 0])):
+        monkeypatch.setattr(
+            torch, "rand", lambda shape, u=u, generator=None, **kw: torch.full(shape, u, **kw)
+        )
+        assert sample_categorical(probs, None).tolist() == want
+    monkeypatch.undo()
+    for bad in (float("nan"), 0.0):
+        rows = probs.clone()
+        rows[1] = bad
+        with pytest.raises(ValueError, match=r"rows \[1\]"):
+            sample_categorical(rows, None)
