@@ -38,7 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from token_stats import versions
+from common import device_slug, versions
 
 from appo.model import char_tokenizer, load_model, prompt_ids, stop_token_ids
 from appo.rollout import RolloutConfig, RolloutEngine
@@ -66,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="write the markdown table here (default: bench/results/...)")
+    p.add_argument("--out", help="the markdown file (default: bench/results/rollout_<device>.md)")
     return p.parse_args(argv)
 
 
@@ -296,7 +296,7 @@ def main(argv=None) -> None:
             results += bench_batch(args, device, model, tokenizer, stop_ids, batch)
     text = markdown(args, info, model_name, results)
     print(text)
-    out = args.out or f"bench/results/rollout_{device.type}.md"
+    out = args.out or f"bench/results/rollout_{device_slug(device)}.md"
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(text)
 
