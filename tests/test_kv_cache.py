@@ -448,6 +448,7 @@ def test_bad_calls_raise_naming_the_argument():
         (lambda: cache.reserve(a, 1.5), TypeError, "num_new_tokens"),
         (lambda: cache.reserve([a], [1, 2]), ValueError, "num_new_tokens"),
         (lambda: cache.fork(a, 0), ValueError, "n"),
+        (lambda: cache.fork(a, 10**9, at=4), ValueError, "n must be <= num_blocks"),
         (lambda: cache.fork(a, 2, at=6), ValueError, "at"),
         (lambda: cache.fork(a, 2, at=-1), ValueError, "at"),
         (lambda: cache.fork(gone, 1), ValueError, "sid"),

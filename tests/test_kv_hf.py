@@ -316,6 +316,8 @@ def test_empty_batch_and_model_checks(lm):
         PagedCausalLM(object(), num_blocks=4)
     with pytest.raises(ValueError, match="num_blocks"):
         PagedCausalLM(lm.model, num_blocks=0)
+    with pytest.raises(TypeError, match="cache_dtype"):
+        PagedCausalLM(lm.model, num_blocks=4, cache_dtype=torch.float64)
     config = Qwen2Config(**TINY, use_sliding_window=True, sliding_window=8, max_window_layers=1)
     with pytest.raises(ValueError, match="full attention"):
         PagedCausalLM(Qwen2ForCausalLM(config), num_blocks=4)

@@ -219,6 +219,11 @@ class PagedKVCache:
         copied once per child, for all children and layers in one launch."""
         parent = self._seq("sid", sid)
         check_count("n", n, minimum=1)
+        if n > self.num_blocks:  # a block-aligned fork takes no block: n is not bounded by them
+            raise ValueError(
+                f"n must be <= num_blocks = {self.num_blocks} (each child needs a block of its "
+                f"own for its next token), got {n}"
+            )
         at = parent.length if at is None else at
         check_count("at", at, minimum=0)
         if at > parent.length:

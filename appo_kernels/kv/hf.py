@@ -54,6 +54,7 @@ from transformers.cache_utils import Cache
 
 from appo_kernels.kv.cache import PagedKVCache
 from appo_kernels.kv.ops import gather_padded, write_slots
+from appo_kernels.validation import FLOAT_DTYPES
 
 _FLASH_IMPLEMENTATION = "appo_paged"  # no "flash" in it: transformers keys heuristics on that word
 
@@ -258,7 +259,7 @@ class PagedCausalLM:
             head_dim,
             num_blocks,
             block_size=block_size,
-            dtype=weight.dtype if cache_dtype is None else cache_dtype,
+            dtype=weight.dtype if cache_dtype is None else _check_cache_dtype(cache_dtype),
             device=weight.device,
         )
         self._mirror: _DenseMirror | None = None
@@ -509,6 +510,12 @@ class PagedCausalLM:
                 kv[layer, 0, :, :longest] = keys.transpose(1, 2)
                 kv[layer, 1, :, :longest] = values.transpose(1, 2)
         return kv
+
+
+def _check_cache_dtype(cache_dtype: object) -> torch.dtype:
+    if not isinstance(cache_dtype, torch.dtype) or cache_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"cache_dtype must be one of {FLOAT_DTYPES}, got {cache_dtype!r}")
+    return cache_dtype
 
 
 def _mirror_capacity(needed: int) -> int:
