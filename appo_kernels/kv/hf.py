@@ -30,8 +30,9 @@ How one step runs (``_step``), for a batch of sequences with ``past[b]`` cached 
 The dense mirror (torch path): attention over paged blocks needs each sequence's K/V in one
 tensor, and gathering them from the blocks at every layer of every step cost about 30% of a
 SmolLM2 decode step on CPU. So the adapter keeps, per layer, a contiguous copy of the K/V of the
-sequences of the latest step, ``[B, capacity, kv_heads, head_dim]`` in the model's dtype (values
-rounded through the cache's dtype, so it reads exactly what the blocks hold), and writes each
+sequences of the latest step, ``[B, kv_heads, capacity, head_dim]`` in the model's dtype (values
+rounded through the cache's dtype, so it reads exactly what the blocks hold; head-major, so
+attention reads each head's keys as one contiguous ``[length, head_dim]`` run), and writes each
 step's new tokens to both the blocks and the mirror. A step over the same sequences -- or a subset
 of them, as rollouts finish (one row compaction) -- reads the mirror in place; any other batch,
 or a cache that was edited behind the adapter's back (``PagedKVCache.edits`` changed), gathers the
@@ -81,7 +82,7 @@ def _flash_path_supported(
 
 class _DenseMirror:
     """Contiguous K/V of the sequences of one batch (see the module docstring): ``kv`` is
-    ``[num_layers, 2, B, capacity, kv_heads, head_dim]`` in the model's dtype; row ``b`` holds the
+    ``[num_layers, 2, B, kv_heads, capacity, head_dim]`` in the model's dtype; row ``b`` holds the
     first ``lengths[b]`` positions of sequence ``sids[b]`` and zeros after them. Valid while the
     cache's ``edits`` equals ``edits``."""
 
@@ -93,7 +94,7 @@ class _DenseMirror:
 
     @property
     def capacity(self) -> int:
-        return self.kv.shape[3]
+        return self.kv.shape[4]
 
     def rows_of(self, sids: list[int], past: list[int], edits: int) -> list[int] | None:
         """The mirror rows of ``sids`` if each holds exactly the ``past[b]`` cached tokens of its
@@ -113,9 +114,10 @@ class _PagedStep(Cache):
     ``update`` stores the new tokens' K/V (``[B, kv_heads, q, head_dim]``, left-padded;
     ``token_index`` lists the real tokens as flat ``b * q + column`` indices, whose cache slots are
     ``slots`` in the same order). On the torch path (``mirror`` set) it also writes them to the
-    dense mirror at ``mirror_slots`` (``b * capacity + position``) and returns the mirror's K/V
-    of the batch; on the flash path (``flash_attn`` set) it returns its inputs unchanged and
-    :func:`_paged_flash_attention` reads the blocks in place.
+    dense mirror at ``mirror_slots`` (``(b * kv_heads + head) * capacity + position`` for each
+    token and head, the mirror seen as ``[B * kv_heads, capacity, 1, head_dim]`` blocks) and
+    returns the mirror's K/V of the batch; on the flash path (``flash_attn`` set) it returns its
+    inputs unchanged and :func:`_paged_flash_attention` reads the blocks in place.
     """
 
     def __init__(
@@ -153,18 +155,16 @@ class _PagedStep(Cache):
         self.cache.write_reserved(layer_idx, new_keys, new_values, self.slots)
         if self.flash_attn is not None:
             return key_states, value_states
-        keys, values = self.mirror.kv[layer_idx]  # [B, capacity, kv_heads, head_dim] each
+        keys, values = self.mirror.kv[layer_idx]  # [B, kv_heads, capacity, head_dim] each
+        batch, heads, capacity, head_dim = keys.shape
         write_slots(
-            keys,
-            values,
-            new_keys.to(keys.dtype),
-            new_values.to(values.dtype),
+            keys.view(batch * heads, capacity, 1, head_dim),
+            values.view(batch * heads, capacity, 1, head_dim),
+            new_keys.to(keys.dtype).reshape(-1, 1, head_dim),
+            new_values.to(values.dtype).reshape(-1, 1, head_dim),
             self.mirror_slots,
         )
-        return (
-            keys[:, : self.max_length].transpose(1, 2),
-            values[:, : self.max_length].transpose(1, 2),
-        )
+        return keys[:, :, : self.max_length], values[:, :, : self.max_length]
 
 
 def _paged_flash_attention(
@@ -425,14 +425,17 @@ class PagedCausalLM:
             block_table = self.cache.block_table(sids)
         else:
             mirror = self._mirror_for(sids, past, max(new_lengths))
-            mirror_slots = torch.tensor(  # row b, position p -> b * capacity + p
+            heads_capacity = self.cache.num_kv_heads * mirror.capacity
+            positions_at = torch.tensor(  # row b, position p -> b * kv_heads * capacity + p
                 [
-                    b * mirror.capacity + p
+                    b * heads_capacity + p
                     for b, (p0, p1) in enumerate(zip(past, new_lengths))
                     for p in range(p0, p1)
                 ],
                 device=device,
             )
+            heads_at = torch.arange(self.cache.num_kv_heads, device=device) * mirror.capacity
+            mirror_slots = (positions_at[:, None] + heads_at).flatten()  # token-major, then head
         step = _PagedStep(
             self.cache,
             slots,
@@ -482,20 +485,20 @@ class PagedCausalLM:
             kv = current.kv
             if rows != list(range(len(current.sids))):  # finished sequences left the batch
                 kv = kv.index_select(2, torch.tensor(rows, device=kv.device))
-            if needed > kv.shape[3]:
-                wider = kv.new_zeros(kv.shape[:3] + (_mirror_capacity(needed),) + kv.shape[4:])
-                wider[:, :, :, : kv.shape[3]] = kv
+            if needed > kv.shape[4]:
+                wider = kv.new_zeros(kv.shape[:4] + (_mirror_capacity(needed),) + kv.shape[5:])
+                wider[..., : kv.shape[4], :] = kv
                 kv = wider
         del current
         self._mirror = _DenseMirror(sids, list(past), kv, edits)
         return self._mirror
 
     def _gather_mirror(self, sids: list[int], past: list[int], capacity: int) -> torch.Tensor:
-        """``[num_layers, 2, B, capacity, kv_heads, head_dim]``: the first ``past[b]`` cached
+        """``[num_layers, 2, B, kv_heads, capacity, head_dim]``: the first ``past[b]`` cached
         tokens of ``sids[b]`` read from the blocks, zeros after them."""
         cache = self.cache
         kv = torch.zeros(
-            (cache.num_layers, 2, len(sids), capacity, cache.num_kv_heads, cache.head_dim),
+            (cache.num_layers, 2, len(sids), cache.num_kv_heads, capacity, cache.head_dim),
             dtype=self._dtype,
             device=cache.device,
         )
@@ -507,8 +510,8 @@ class PagedCausalLM:
                 keys, values = gather_padded(  # [B, kv_heads, longest, head_dim] each
                     cache.key_cache[layer], cache.value_cache[layer], table, lengths, longest
                 )
-                kv[layer, 0, :, :longest] = keys.transpose(1, 2)
-                kv[layer, 1, :, :longest] = values.transpose(1, 2)
+                kv[layer, 0, :, :, :longest] = keys
+                kv[layer, 1, :, :, :longest] = values
         return kv
 
 
