@@ -296,8 +296,8 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None) -
     """One token id per row of ``probs`` ``[B, V]`` (non-negative, any positive total), drawn by
     inverse transform sampling: the first token whose float64 cumulative probability exceeds
     ``u * total`` with ``u ~ U[0, 1)``. Exact up to float64 rounding, never a zero-probability
-    token, and one random number per row: ``torch.multinomial`` costs ~30 ms per call for
-    16 x 49152 on one CPU thread (as much as a SmolLM2 decode step's attention), this ~2 ms."""
+    token, and one random number per row: ``torch.multinomial`` took ~30 ms per call for
+    16 x 49152 on one CPU thread of the development machine, this ~7 ms."""
     cdf = probs.cumsum(-1, dtype=torch.float64)
     total = cdf[:, -1:]
     if not bool((torch.isfinite(total) & (total > 0)).all()):

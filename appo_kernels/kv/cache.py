@@ -148,10 +148,11 @@ class PagedKVCache:
 
     @property
     def edits(self) -> int:
-        """How many calls so far could have changed K/V that a live sequence already held
-        (``truncate``, then new tokens where old ones were; ``write``, whose slots may be anyone's).
-        A reader that keeps a copy of cached K/V across steps (the transformers adapter's dense
-        mirror) re-reads the blocks when this changes."""
+        """How many calls so far could have changed K/V that a live sequence already held:
+        ``truncate`` (later tokens may land where dropped ones were) and ``write`` (its slots may
+        be anyone's); ``write_reserved``, a decode loop's own writes, does not count. A reader that
+        keeps a copy of cached K/V across steps (the transformers adapter's dense mirror) re-reads
+        the blocks when this changes."""
         return self._edits
 
     def seq_len(self, sid: int) -> int:
