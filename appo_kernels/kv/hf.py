@@ -112,7 +112,8 @@ class _PagedStep(Cache):
     """The ``transformers.Cache`` of one forward step over a batch of paged sequences.
 
     ``update`` stores the new tokens' K/V (``[B, kv_heads, q, head_dim]``, left-padded;
-    ``token_index`` lists the real tokens as flat ``b * q + column`` indices, whose cache slots are
+    ``token_index`` lists the real tokens as flat ``b * q + column`` indices (None: every column
+    is real, as in a decode step), whose cache slots are
     ``slots`` in the same order). On the torch path (``mirror`` set) it also writes them to the
     dense mirror at ``mirror_slots`` (``(b * kv_heads + head) * capacity + position`` for each
     token and head, the mirror seen as ``[B * kv_heads, capacity, 1, head_dim]`` blocks) and
@@ -124,7 +125,7 @@ class _PagedStep(Cache):
         self,
         cache: PagedKVCache,
         slots: torch.Tensor,
-        token_index: torch.Tensor,
+        token_index: torch.Tensor | None,
         lengths: torch.Tensor,
         max_length: int,
         block_table: torch.Tensor | None,
@@ -149,9 +150,12 @@ class _PagedStep(Cache):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = self.cache.dtype
         new_keys, new_values = (  # [tokens, kv_heads, head_dim]; integer indexing: no host sync
-            states.transpose(1, 2).flatten(0, 1).index_select(0, self.token_index).to(dtype)
-            for states in (key_states, value_states)
+            states.transpose(1, 2).flatten(0, 1) for states in (key_states, value_states)
         )
+        if self.token_index is not None:
+            new_keys = new_keys.index_select(0, self.token_index)
+            new_values = new_values.index_select(0, self.token_index)
+        new_keys, new_values = new_keys.to(dtype), new_values.to(dtype)
         self.cache.write_reserved(layer_idx, new_keys, new_values, self.slots)
         if self.flash_attn is not None:
             return key_states, value_states
@@ -416,10 +420,12 @@ class PagedCausalLM:
         lengths = torch.tensor(new_lengths, device=device)
         columns = torch.arange(q, device=device)
         positions = (lengths[:, None] - q + columns).clamp_min(0)  # [B, q]
-        token_index = torch.tensor(  # the real (not padding) tokens, row-major
-            [b * q + column for b, n in enumerate(counts) for column in range(q - n, q)],
-            device=device,
-        )
+        token_index = None  # the real (not padding) tokens, row-major; None: all of them
+        if min(counts) < q:
+            token_index = torch.tensor(
+                [b * q + column for b, n in enumerate(counts) for column in range(q - n, q)],
+                device=device,
+            )
         mirror = mirror_slots = block_table = None
         if self._flash_attn is not None:
             block_table = self.cache.block_table(sids)
