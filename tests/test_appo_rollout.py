@@ -3,6 +3,8 @@ cache-forked branches reproduce re-prefilled generation, and tool output never r
 mask or the branch candidates."""
 
 import copy
+import importlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -289,3 +291,18 @@ def test_sample_categorical_edges(monkeypatch):
         rows[1] = bad
         with pytest.raises(ValueError, match=r"rows \[1\]"):
             sample_categorical(rows, None)
+
+
+def test_rollout_bench_runs(tmp_path, monkeypatch):
+    """bench/rollout.py end to end on the tiny model: every row, every batch, fixed lengths."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "bench"))
+    bench = importlib.import_module("rollout")
+    out = tmp_path / "rollout.md"
+    bench.main(["--model", "tiny", "--batches", "1", "4", "--new-tokens", "3", "--repeats", "1",
+                "--out", str(out)])  # fmt: skip
+    rows = [
+        line.split(" | ") for line in out.read_text().splitlines() if line[:4] in ("| 1 ", "| 4 ")
+    ]
+    names = ["generate", "engine", "engine, separate prefills", "tool-loop engine"]
+    assert [r[1] for r in rows] == names * 2
+    assert [r[5] for r in rows if r[1] != "tool-loop engine"] == ["3"] * 3 + ["12"] * 3
