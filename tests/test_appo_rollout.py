@@ -2,13 +2,24 @@
 cache-forked branches reproduce re-prefilled generation, and tool output never reaches the loss
 mask or the branch candidates."""
 
+import copy
+import importlib
+from pathlib import Path
+
 import pytest
 import torch
 
 from appo.model import prompt_ids, tiny_model
-from appo.rollout import IGNORE_INDEX, RolloutBatch, RolloutConfig, RolloutEngine
+from appo.rollout import (
+    IGNORE_INDEX,
+    RolloutBatch,
+    RolloutConfig,
+    RolloutEngine,
+    sample_categorical,
+)
 from appo.tasks import Task, reward
 from appo.trainer import TrainConfig, Trainer
+from appo_kernels.kv import KVCacheFull
 from appo_kernels.kv.hf import PagedCausalLM
 
 MAX_NEW = 24
@@ -143,3 +154,155 @@ def test_branch_after_observation_carries_tool_count_and_rejects_observation_poi
     assert branch.tool_calls == 1
     assert branch.is_observation[:after] == parent.is_observation[:after]
     assert not any(branch.is_observation[after:])  # the random model writes no further call
+
+
+# ----------------------------------------------------------------------------------------------
+# prefix-shared prefill
+# ----------------------------------------------------------------------------------------------
+SYSTEM = "You are a careful assistant. Think, then answer."
+QUESTIONS = ("What is 2+2?", "Name a fruit.", "What is 2+3?")
+
+
+def _recording(tokenizer, script: str, seen: list[torch.Tensor]):
+    """A forcing logits processor (see ``_forcing``) that also keeps every logits row it gets."""
+    force = _forcing(tokenizer, script)
+
+    def record(logits, rollouts):
+        seen.append(logits.clone())
+        return force(logits, rollouts)
+
+    return record
+
+
+def _counting_steps(lm: PagedCausalLM) -> list[int]:
+    """Records the number of tokens each model forward of ``lm`` computes."""
+    counts, step = [], lm._step
+    lm._step = lambda sids, tokens: counts.append(sum(map(len, tokens))) or step(sids, tokens)
+    return counts
+
+
+def test_prefix_shared_prefill_gives_the_logits_of_separate_prefills(tiny):
+    """Issue 11: ``sample`` prefills the prompts' common start (the system turn) once and each
+    distinct prompt once, then forks; every sampling step sees the logits of rollouts prefilled
+    one by one, and the first step those of a float64 full forward."""
+    model, tokenizer = tiny
+    distinct = [prompt_ids(tokenizer, SYSTEM, q) for q in QUESTIONS]
+    prompts = [distinct[0]] * 3 + [distinct[1]] * 2 + [distinct[2]]
+    groups = [0, 0, 0, 1, 1, 2]
+    common = next(i for i in range(len(distinct[0])) if len({p[i] for p in distinct}) > 1)
+    assert common > len(SYSTEM)
+
+    runs = {}
+    for share in (True, False):
+        seen: list[torch.Tensor] = []
+        engine = _engine(model, tokenizer, max_new_tokens=6, use_tools=False, share_prefixes=share)
+        engine.logits_processor = _recording(tokenizer, "fruit!", seen)
+        computed = _counting_steps(engine.lm)
+        rollouts = engine.sample(prompts, groups)
+        engine.release(rollouts)
+        assert engine.lm.cache.num_free_blocks == 64 and engine.lm.cache.sequences == []
+        assert [tokenizer.decode(r.tokens) for r in rollouts] == ["fruit!"] * 6
+        runs[share] = seen, computed
+
+    (shared, shared_computed), (separate, separate_computed) = runs[True], runs[False]
+    assert shared_computed[:2] == [common, sum(len(p) - common for p in distinct)]
+    assert separate_computed[0] == sum(map(len, prompts))
+    assert shared_computed[2:] == separate_computed[1:] == [6] * 5  # then one token per step
+    assert len(shared) == len(separate) == 6
+    for got, want in zip(shared, separate):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+    reference = copy.deepcopy(model).double()
+    with torch.no_grad():
+        first = torch.stack([reference(input_ids=torch.tensor([p])).logits[0, -1] for p in prompts])
+    torch.testing.assert_close(shared[0].double(), first, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("prompts", [[[5, 6, 7]] * 3, [[5, 6, 7], [5, 6, 7, 8], [9, 6]]])
+def test_prefix_shared_prefill_without_a_shared_prefix(tiny, prompts):
+    """One distinct prompt (nothing to share but the prompt), a prompt that is another's prefix
+    (each keeps a token of its own), no common prefix at all: same logits as one-by-one."""
+    model, tokenizer = tiny
+    logits = {}
+    for share in (True, False):
+        engine = _engine(model, tokenizer, max_new_tokens=1, share_prefixes=share)
+        seen: list[torch.Tensor] = []
+        engine.logits_processor = _recording(tokenizer, "x", seen)
+        engine.release(engine.sample(prompts, range(len(prompts))))
+        logits[share] = seen[0]
+    torch.testing.assert_close(logits[True], logits[False], atol=1e-5, rtol=0)
+
+
+def test_prefix_shared_prefill_out_of_blocks_leaves_no_sequence_behind(tiny):
+    """A pool too small at any stage (root prefill, fork tails, prompt extension, rollout forks)
+    raises KVCacheFull and frees everything the call made."""
+    model, tokenizer = tiny
+    prompts = [prompt_ids(tokenizer, SYSTEM, q) for q in QUESTIONS for _ in range(2)]
+    outcomes = []
+    for num_blocks in range(1, 40, 3):
+        lm = PagedCausalLM(model, num_blocks=num_blocks, block_size=8)
+        engine = RolloutEngine(lm, tokenizer, RolloutConfig(max_new_tokens=1))
+        try:
+            engine.release(engine.sample(prompts, range(len(prompts))))
+            outcomes.append("ok")
+        except KVCacheFull:
+            outcomes.append("full")
+        assert lm.cache.sequences == [] and lm.cache.num_free_blocks == num_blocks
+    assert "ok" in outcomes and "full" in outcomes
+
+
+def test_without_tools_tags_are_plain_text(tiny):
+    model, tokenizer = tiny
+    engine = _engine(model, tokenizer, max_new_tokens=12, use_tools=False)
+    engine.logits_processor = _forcing(tokenizer, "<calc>1+1</calc><answer>2</answer>")
+    rollout = engine.sample([prompt_ids(tokenizer, "sys", "q")], [0])[0]
+    engine.release([rollout])
+    assert tokenizer.decode(rollout.tokens) == "<calc>1+1</c"
+    assert rollout.tool_calls == 0 and not any(rollout.is_observation)
+    assert rollout.stop == "length"
+
+
+# ----------------------------------------------------------------------------------------------
+# sampling
+# ----------------------------------------------------------------------------------------------
+def test_sample_categorical_draws_from_the_distribution():
+    weights = torch.tensor([0.1, 0.0, 0.4, 0.2, 0.3, 0.0]) * 3.7  # any positive total
+    draws = 40000
+    tokens = sample_categorical(weights.expand(draws, 6), torch.Generator().manual_seed(0))
+    assert tokens.dtype == torch.int64 and tokens.shape == (draws,)
+    counts = torch.bincount(tokens, minlength=6).double()
+    p = (weights / weights.sum()).double()
+    sigma = (draws * p * (1 - p)).sqrt()
+    assert counts[1] == 0 and counts[5] == 0  # zero-probability tokens never come up
+    assert ((counts - draws * p).abs() <= 5 * sigma + 1e-9).all(), counts
+
+
+def test_sample_categorical_edges(monkeypatch):
+    probs = torch.tensor([[0.0, 0.5, 0.5, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0]])
+    # u = 1 stands for u * total rounding up to the total: still the last possible token
+    for u, want in ((0.0, [1, 0]), (0.5, [2, 0]), (0.49, [1, 0]), (1.0, [2, 0])):
+        monkeypatch.setattr(
+            torch, "rand", lambda shape, u=u, generator=None, **kw: torch.full(shape, u, **kw)
+        )
+        assert sample_categorical(probs, None).tolist() == want
+    monkeypatch.undo()
+    for bad in (float("nan"), 0.0):
+        rows = probs.clone()
+        rows[1] = bad
+        with pytest.raises(ValueError, match=r"rows \[1\]"):
+            sample_categorical(rows, None)
+
+
+def test_rollout_bench_runs(tmp_path, monkeypatch):
+    """bench/rollout.py end to end on the tiny model: every row, every batch, fixed lengths."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "bench"))
+    bench = importlib.import_module("rollout")
+    out = tmp_path / "rollout.md"
+    bench.main(["--model", "tiny", "--batches", "1", "4", "--new-tokens", "3", "--repeats", "1",
+                "--out", str(out)])  # fmt: skip
+    rows = [
+        line.split(" | ") for line in out.read_text().splitlines() if line[:4] in ("| 1 ", "| 4 ")
+    ]
+    names = ["generate", "engine", "engine, separate prefills", "tool-loop engine"]
+    assert [r[1] for r in rows] == names * 2
+    assert [r[5] for r in rows if r[1] != "tool-loop engine"] == ["3"] * 3 + ["12"] * 3

@@ -10,6 +10,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
@@ -81,6 +84,60 @@ def test_gather_padded_matches_loop(dtype, head_dim, gen):
             for t in range(n):
                 expected[b, :, t] = cache[table[b, t // block_size], t % block_size]
         assert got.is_contiguous() and torch.equal(_bits(got), _bits(expected))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ops_pass_opcheck(dtype, device, gen):
+    """``torch.library.opcheck`` on each KV op (schema and declared mutations, fake kernel, autograd
+    registration, AOT dispatch), on this machine's device: the PyTorch path here, the CUDA
+    extension where it is built."""
+    layers, blocks, block_size, heads, head_dim = 2, 6, 4, 2, 8
+    kv = _randn((layers, 2, blocks, block_size, heads, head_dim), dtype, gen).to(device)
+    index = dict(dtype=torch.int64, device=device)
+    samples = {
+        "copy_block_prefix": [
+            (kv, torch.tensor([0, 0, 1], **index), torch.tensor([3, 4, 5], **index), n)
+            for n in (1, block_size)
+        ],
+        "write_slots": [
+            (
+                kv[1, 0],
+                kv[1, 1],
+                _randn((tokens, heads, head_dim), dtype, gen).to(device),
+                _randn((tokens, heads, head_dim), dtype, gen).to(device),
+                torch.randperm(blocks * block_size, generator=gen)[:tokens].to(device),
+            )
+            for tokens in (1, 9)
+        ],
+        "gather_padded": [
+            (
+                kv[0, 0],
+                kv[0, 1],
+                torch.randint(0, blocks, (3, 3), generator=gen, dtype=torch.int32).to(device),
+                torch.tensor([0, 5, 11], **index),
+                11,
+            )
+        ],
+    }
+    assert set(samples) == set(ops.SCHEMAS)
+    for name, cases in samples.items():
+        for args in cases:
+            torch.library.opcheck(getattr(torch.ops.appo_kernels_kv, name).default, args)
+
+
+def test_op_schemas_match_the_cuda_binding():
+    """ops.py defines the schemas itself when the extension is not built: they must be the ones
+    csrc/kv_cache_bindings.cpp defines (adjacent C++ string literals joined)."""
+    binding = (Path(__file__).parent.parent / "csrc" / "kv_cache_bindings.cpp").read_text()
+    defined = [
+        "".join(re.findall(r'"([^"]*)"', call))
+        for call in re.findall(r"m\.def\((.*?)\);", binding, flags=re.S)
+    ]
+    assert sorted(defined) == sorted(ops.SCHEMAS.values())
+    for name, schema in ops.SCHEMAS.items():
+        assert str(getattr(torch.ops.appo_kernels_kv, name).default._schema) == (
+            f"{ops.NAMESPACE}::{schema}"
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -391,6 +448,7 @@ def test_bad_calls_raise_naming_the_argument():
         (lambda: cache.reserve(a, 1.5), TypeError, "num_new_tokens"),
         (lambda: cache.reserve([a], [1, 2]), ValueError, "num_new_tokens"),
         (lambda: cache.fork(a, 0), ValueError, "n"),
+        (lambda: cache.fork(a, 10**9, at=4), ValueError, "n must be <= num_blocks"),
         (lambda: cache.fork(a, 2, at=6), ValueError, "at"),
         (lambda: cache.fork(a, 2, at=-1), ValueError, "at"),
         (lambda: cache.fork(gone, 1), ValueError, "sid"),
@@ -416,10 +474,84 @@ def test_bad_calls_raise_naming_the_argument():
     assert cache.seq_len(a) == 5 and cache.num_free_blocks == 6  # nothing changed
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device type: CUDA")
-def test_write_rejects_tensors_on_another_device():
+@pytest.mark.parametrize("other", ["meta"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_write_rejects_tensors_on_another_device(other):
     cache = _cache()
     slots = cache.reserve(cache.new_sequence(), 2)
-    key = torch.zeros(2, 2, 8, device="cuda")
-    with pytest.raises(ValueError, match="key"):
-        cache.write(0, key, key, slots)
+    key = torch.zeros(2, 2, 8)
+    elsewhere = key.to(other)
+    for args, name in (
+        ((elsewhere, key, slots), "key"),
+        ((key, elsewhere, slots), "value"),
+        ((key, key, slots.to(other)), "slots"),
+    ):
+        with pytest.raises(ValueError, match=f"{name} must be on the cache's device"):
+            cache.write(0, *args)
+
+
+def test_bad_write_slots_repeated():
+    cache = _cache()
+    slots = cache.reserve(cache.new_sequence(), 3)
+    key = torch.zeros(3, 2, 8)
+    with pytest.raises(ValueError, match="slots must be distinct"):
+        cache.write(0, key, key, slots[[0, 1, 1]])
+
+
+def test_cuda_device_without_cuda_is_a_value_error(monkeypatch):
+    """Issue 10 item 10: was an AssertionError from torch's lazy CUDA init."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device is 'cuda' but .* no CUDA device"):
+        PagedKVCache(2, 2, 8, 4, dtype=torch.float32, device="cuda")
+
+
+# ------------------------------------------------------------------------------------------------
+# the pool stores values: no autograd graph, usable in and out of inference mode
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["write", "write_reserved"])
+def test_write_of_inputs_that_require_grad_stores_values_only(method, gen):
+    """Issue 10 item 4: writing a key that requires grad made the pool part of the autograd graph,
+    which then grew with every write (20,000 writes: +119 MB)."""
+    cache = _cache()
+    sid = cache.new_sequence()
+    leaf = torch.randn(2, 2, 8, generator=gen, requires_grad=True)
+    written = []
+    for _ in range(3):
+        key = leaf * 2.0  # a non-leaf with a graph behind it
+        getattr(cache, method)(0, key, key + 1.0, cache.reserve(sid, 2))
+        written.append(key.detach())
+        assert not cache.kv.requires_grad and cache.kv.grad_fn is None
+    keys, values, _ = cache.gather(0, sid)
+    assert not keys.requires_grad and not values.requires_grad
+    want = torch.cat(written).transpose(0, 1)
+    assert torch.equal(keys[0], want) and torch.equal(values[0], want + 1.0)
+    leaf.sum().backward()  # the caller's own graph is untouched
+    assert torch.equal(leaf.grad, torch.ones_like(leaf))
+
+
+def test_cache_built_in_inference_mode_is_writable_outside_it(gen):
+    with torch.inference_mode():
+        cache = _cache()
+    sid = cache.new_sequence()
+    key = torch.randn(3, 2, 8, generator=gen)
+    slots = cache.reserve(sid, 3)
+    cache.write(0, key, key, slots)  # was: "Inplace update to inference tensor outside ..."
+    with torch.inference_mode():
+        cache.write(1, -key, -key, slots)
+    assert torch.equal(cache.gather(0, sid)[0][0], key.transpose(0, 1))
+    assert torch.equal(cache.gather(1, sid)[0][0], -key.transpose(0, 1))
+
+
+def test_stale_slots_of_a_freed_sequence_write_into_its_successor(gen):
+    """The documented hazard that stays by design: a slot id carries no owner, so slots kept from
+    a freed sequence overwrite whichever sequence reuses those blocks."""
+    cache = _cache()
+    old = cache.new_sequence()
+    stale = cache.reserve(old, 4)
+    cache.free(old)
+    new = cache.new_sequence()
+    fresh = cache.reserve(new, 4)
+    assert torch.equal(fresh, stale)  # the freed block went straight to the new sequence
+    key = torch.randn(4, 2, 8, generator=gen)
+    cache.write(0, key, key, fresh)
+    cache.write(0, -key, -key, stale)
+    assert torch.equal(cache.gather(0, new)[0][0], -key.transpose(0, 1))

@@ -136,6 +136,45 @@ def test_logits_match_full_forward(family, attn, block_size, gen, device):
     run_rollout_scenario(lm, gen)
 
 
+def test_dense_mirror_is_reused_compacted_widened_and_rebuilt_when_stale(gen):
+    """The torch path's dense mirror (see kv/hf.py): decode steps over the same sequences, a
+    subset or a reordering of them read it without gathering from the blocks; widening it keeps
+    its contents; any other batch, or an edit of the cache behind the adapter's back, gathers it
+    again. Every logit is checked against a full forward."""
+    lm = PagedCausalLM(tiny_model("llama", "sdpa"), num_blocks=64, block_size=4)
+    gathers = []
+    gather = lm._gather_mirror
+    lm._gather_mirror = lambda *args: gathers.append(args[0]) or gather(*args)
+    check = Checker(lm, gen)
+    a, b, c = check.prefill([5, 9, 3])
+    check.decode([a, b, c])
+    check.decode([a, b, c])
+    check.decode([a, c])  # b finished: compaction
+    check.decode([c, a])  # reordered: compaction
+    capacity = lm._mirror.capacity
+    check.extend([c, a], [capacity, 2])  # past the mirror's capacity: widened
+    assert lm._mirror.capacity > capacity and gathers == [[a, b, c]]
+
+    check.decode([a, b])  # b's row was dropped: gathered again
+    assert gathers[-1] == [a, b]
+    lm.cache.truncate(a, 4)  # behind the adapter's back
+    check.tokens[a] = check.tokens[a][:4]
+    check.decode([a, b])
+    assert len(gathers) == 3
+    (child,) = check.branch(a, t=3, n=1)
+    assert gathers[-1] == [child]
+    # rewriting the child's last K/V of layer 0 with the values it holds: a write behind the
+    # adapter's back all the same (the mirror cannot tell what changed), so it is gathered again
+    keys, values, _ = lm.cache.gather(0, child)
+    last = lm.seq_len(child) - 1
+    slot = torch.tensor([lm.cache.block_ids(child)[last // 4] * 4 + last % 4])
+    lm.cache.write(0, keys[0, :, last][None], values[0, :, last][None], slot)
+    check.decode([child])
+    assert len(gathers) == 5
+    lm.free([a, b, c, child])
+    assert lm._mirror is None and lm.cache.num_free_blocks == lm.cache.num_blocks
+
+
 def test_low_precision_cache(gen):
     """A bf16 cache under an fp32 model: K/V are rounded on write and widened on read."""
     model = tiny_model("qwen2", "sdpa")
@@ -277,6 +316,8 @@ def test_empty_batch_and_model_checks(lm):
         PagedCausalLM(object(), num_blocks=4)
     with pytest.raises(ValueError, match="num_blocks"):
         PagedCausalLM(lm.model, num_blocks=0)
+    with pytest.raises(TypeError, match="cache_dtype"):
+        PagedCausalLM(lm.model, num_blocks=4, cache_dtype=torch.float64)
     config = Qwen2Config(**TINY, use_sliding_window=True, sliding_window=8, max_window_layers=1)
     with pytest.raises(ValueError, match="full attention"):
         PagedCausalLM(Qwen2ForCausalLM(config), num_blocks=4)

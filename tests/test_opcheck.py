@@ -1,7 +1,7 @@
 """``torch.library.opcheck`` on every scoring custom op, on both backends: schema (no hidden
 mutation or aliasing), autograd registration, the fake (meta) implementation against the real one,
-and AOT dispatch with dynamic shapes. (The KV-cache ops are C++ ops of another namespace,
-``appo_kernels_kv``, built only with CUDA.)"""
+and AOT dispatch with dynamic shapes. (The KV-cache ops, namespace ``appo_kernels_kv``, are
+checked in tests/test_kv_cache.py.)"""
 
 import pytest
 import torch

@@ -20,6 +20,16 @@ block_size + offset``, int64 on the cache's device, concatenated in ``sids`` ord
 ``seq_len`` counts reserved tokens, whether or not they were written yet; ``block_table`` is the
 flash-attention / vLLM layout (int32 ``[len(sids), max_blocks]``, padded with block 0, which
 kernels never read past a sequence's length).
+
+The cache stores values, never an autograd graph: ``write`` stores the values of its inputs
+(gradients never flow into or out of the pool, which never requires grad), and the pool is created
+outside inference mode, so it can be written both inside and outside ``torch.inference_mode``.
+
+One hazard stays by design: ``write`` takes raw slot ids. Slots are only meaningful while the
+sequence that reserved them holds its blocks; slot ids kept from a sequence that was since freed
+(or truncated) point into blocks that the pool may have handed to another sequence, and writing
+them overwrites that sequence's K/V. ``write`` cannot tell (a slot id carries no owner); callers
+must use slots straight from ``reserve`` and drop them when the sequence is freed or truncated.
 """
 
 from __future__ import annotations
@@ -38,7 +48,6 @@ from appo_kernels.validation import (
     check_int,
     check_ndim,
     check_shape,
-    min_max,
 )
 
 
@@ -99,11 +108,12 @@ class PagedKVCache:
         self.block_size = block_size
         self.dtype = dtype
         self.device = check_device("device", device)
-        self.kv = torch.zeros(
-            (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim),
-            dtype=dtype,
-            device=self.device,
-        )
+        with torch.inference_mode(False):  # an inference tensor could not be written outside it
+            self.kv = torch.zeros(
+                (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim),
+                dtype=dtype,
+                device=self.device,
+            )
         self.key_cache = tuple(self.kv[layer, 0] for layer in range(num_layers))
         self.value_cache = tuple(self.kv[layer, 1] for layer in range(num_layers))
         self._slot_bytes = 2 * num_layers * num_kv_heads * head_dim * self.kv.element_size()
@@ -112,6 +122,7 @@ class PagedKVCache:
         self._seqs: dict[int, _Sequence] = {}
         self._next_sid = 0
         self._stats = KVCacheStats()
+        self._edits = 0
 
     # ------------------------------------------------------------------------------------------
     # inspection
@@ -134,6 +145,15 @@ class PagedKVCache:
     def sequences(self) -> list[int]:
         """Live sequence ids, in creation order."""
         return list(self._seqs)
+
+    @property
+    def edits(self) -> int:
+        """How many calls so far could have changed K/V that a live sequence already held:
+        ``truncate`` (later tokens may land where dropped ones were) and ``write`` (its slots may
+        be anyone's); ``write_reserved``, a decode loop's own writes, does not count. A reader that
+        keeps a copy of cached K/V across steps (the transformers adapter's dense mirror) re-reads
+        the blocks when this changes."""
+        return self._edits
 
     def seq_len(self, sid: int) -> int:
         """Reserved tokens of sequence ``sid``."""
@@ -200,6 +220,11 @@ class PagedKVCache:
         copied once per child, for all children and layers in one launch."""
         parent = self._seq("sid", sid)
         check_count("n", n, minimum=1)
+        if n > self.num_blocks:  # a block-aligned fork takes no block: n is not bounded by them
+            raise ValueError(
+                f"n must be <= num_blocks = {self.num_blocks} (each child needs a block of its "
+                f"own for its next token), got {n}"
+            )
         at = parent.length if at is None else at
         check_count("at", at, minimum=0)
         if at > parent.length:
@@ -245,6 +270,7 @@ class PagedKVCache:
                 )
         del seq.blocks[keep:]
         seq.length = length
+        self._edits += 1
         for block in dropped:
             self._release(block)
         if copy_tail:
@@ -267,8 +293,12 @@ class PagedKVCache:
     def write(
         self, layer: int, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor
     ) -> None:
-        """Stores ``key``/``value`` ``[tokens, num_kv_heads, head_dim]`` (the cache's dtype and
-        device) at ``slots`` (as returned by ``reserve``) of ``layer``."""
+        """Stores the values of ``key``/``value`` ``[tokens, num_kv_heads, head_dim]`` (the cache's
+        dtype and device) at ``slots`` (distinct slot ids, as returned by ``reserve``) of
+        ``layer``. Inputs that require grad are stored as values: no graph is recorded.
+
+        The slots must belong to live sequences: see the module docstring for what writing slots
+        kept from a freed or truncated sequence does."""
         self._check_layer(layer)
         slots = check_int("slots", slots)
         check_ndim("slots", slots, 1, "[tokens]")
@@ -284,21 +314,31 @@ class PagedKVCache:
         if slots.numel() == 0:
             return
         slots = slots.long()
-        low, high = min_max(slots)
+        ordered = slots.sort().values
+        low, high, repeats = torch.stack(
+            [ordered[0], ordered[-1], (ordered[1:] == ordered[:-1]).sum()]
+        ).tolist()  # one host sync
         if low < 0 or high >= self.num_blocks * self.block_size:
             raise ValueError(
                 f"slots must be in [0, {self.num_blocks * self.block_size}), got values in "
                 f"[{low}, {high}]"
             )
-        self._write_reserved(layer, key, value, slots)
+        if repeats:
+            raise ValueError(f"slots must be distinct, got {repeats} repeated slot id(s)")
+        self._edits += 1
+        self.write_reserved(layer, key, value, slots)
 
-    def _write_reserved(
+    def write_reserved(
         self, layer: int, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor
     ) -> None:
-        """``write`` without its checks, for callers in this package that pass the slots
-        ``reserve`` just returned (the transformers adapter, once per layer and step): no host
-        sync on the decode path."""
-        ops.write_slots(self.key_cache[layer], self.value_cache[layer], key, value, slots)
+        """``write`` without its argument checks, for a decode loop that passes the int64 slots
+        ``reserve`` just returned (as ``appo_kernels.kv.hf`` does once per layer and step): no
+        host sync, nothing but the device copy. ``key``/``value``: the cache's dtype and device,
+        ``[len(slots), num_kv_heads, head_dim]`` with a contiguous last dim; ``slots``: distinct
+        and in range. Anything else is undefined behaviour (on CUDA: out-of-bounds writes);
+        use ``write`` for untrusted input. Like ``write``, stores values (no autograd graph)."""
+        with torch.no_grad():
+            ops.write_slots(self.key_cache[layer], self.value_cache[layer], key, value, slots)
 
     def gather(
         self, layer: int, sids: int | Sequence[int]

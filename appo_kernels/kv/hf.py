@@ -16,16 +16,27 @@ How one step runs (``_step``), for a batch of sequences with ``past[b]`` cached 
 - each attention layer calls ``cache.update(k, v, layer)`` on a :class:`_PagedStep` (a
   ``transformers.Cache``): it writes the new tokens' K/V at their slots, then
 
-  * **torch path** (any device, eager / sdpa attention): returns the batch's K/V gathered from
-    the blocks, ``[B, kv_heads, max(length), head_dim]``, together with a 4-D additive mask
-    that lets a query at position ``p`` see keys ``0..p`` of its own sequence (padding queries
-    see key 0 only, so no softmax row is empty);
+  * **torch path** (any device, eager / sdpa attention): it also writes them to a *dense mirror*
+    of the batch (below) and returns the mirror's K/V, ``[B, kv_heads, max(length), head_dim]``,
+    together with a 4-D additive mask that lets a query at position ``p`` see keys ``0..p`` of its
+    own sequence (padding queries see key 0 only, so no softmax row is empty);
   * **flash path** (CUDA, fp16/bf16, ``block_size % 256 == 0`` as flash-attn 2 requires of
     paged caches, ``flash_attn`` installed): attention reads the blocks in place through the
     block table with ``flash_attn_with_kvcache`` -- nothing is gathered. Its causal mask is
     bottom-right aligned (query ``i`` sees keys ``<= length[b] - q + i``), which is exactly the
     left-padded layout above; padding queries' outputs are never read (only the last column
     reaches the LM head).
+
+The dense mirror (torch path): attention over paged blocks needs each sequence's K/V in one
+tensor, and gathering them from the blocks at every layer of every step cost about 30% of a
+SmolLM2 decode step on CPU. So the adapter keeps, per layer, a contiguous copy of the K/V of the
+sequences of the latest step, ``[B, kv_heads, capacity, head_dim]`` in the model's dtype (values
+rounded through the cache's dtype, so it reads exactly what the blocks hold; head-major, so
+attention reads each head's keys as one contiguous ``[length, head_dim]`` run), and writes each
+step's new tokens to both the blocks and the mirror. A step over the same sequences -- or a subset
+of them, as rollouts finish (one row compaction) -- reads the mirror in place; any other batch,
+or a cache that was edited behind the adapter's back (``PagedKVCache.edits`` changed), gathers the
+mirror once from the blocks. The blocks stay the one source of truth (fork, truncate, free).
 
 Position ids and masks follow from the cached lengths, so forked and truncated sequences need no
 special handling: to re-sample token ``t`` of a sequence, ``fork(sid, 1, at=t - 1)`` and
@@ -43,7 +54,8 @@ import torch
 from transformers.cache_utils import Cache
 
 from appo_kernels.kv.cache import PagedKVCache
-from appo_kernels.kv.ops import gather_padded
+from appo_kernels.kv.ops import gather_padded, write_slots
+from appo_kernels.validation import FLOAT_DTYPES
 
 _FLASH_IMPLEMENTATION = "appo_paged"  # no "flash" in it: transformers keys heuristics on that word
 
@@ -68,25 +80,58 @@ def _flash_path_supported(
     )
 
 
+class _DenseMirror:
+    """Contiguous K/V of the sequences of one batch (see the module docstring): ``kv`` is
+    ``[num_layers, 2, B, kv_heads, capacity, head_dim]`` in the model's dtype; row ``b`` holds the
+    first ``lengths[b]`` positions of sequence ``sids[b]`` and zeros after them. Valid while the
+    cache's ``edits`` equals ``edits``."""
+
+    def __init__(self, sids: list[int], lengths: list[int], kv: torch.Tensor, edits: int) -> None:
+        self.sids = sids
+        self.lengths = lengths
+        self.kv = kv
+        self.edits = edits
+
+    @property
+    def capacity(self) -> int:
+        return self.kv.shape[4]
+
+    def rows_of(self, sids: list[int], past: list[int], edits: int) -> list[int] | None:
+        """The mirror rows of ``sids`` if each holds exactly the ``past[b]`` cached tokens of its
+        sequence; None if any does not (then the mirror must be rebuilt)."""
+        if edits != self.edits:
+            return None
+        row_of = {sid: row for row, sid in enumerate(self.sids)}
+        rows = [row_of.get(sid) for sid in sids]
+        if None in rows or any(self.lengths[r] != p for r, p in zip(rows, past)):
+            return None
+        return rows
+
+
 class _PagedStep(Cache):
     """The ``transformers.Cache`` of one forward step over a batch of paged sequences.
 
     ``update`` stores the new tokens' K/V (``[B, kv_heads, q, head_dim]``, left-padded;
-    ``token_index`` lists the real tokens as flat ``b * q + column`` indices, whose slots are
-    ``slots`` in the same order). On the torch path it
-    returns the gathered K/V of the whole batch; on the flash path (``flash_attn`` set) it
-    returns its inputs unchanged and :func:`_paged_flash_attention` reads the blocks in place.
+    ``token_index`` lists the real tokens as flat ``b * q + column`` indices (None: every column
+    is real, as in a decode step), whose cache slots are
+    ``slots`` in the same order). On the torch path (``mirror`` set) it also writes them to the
+    dense mirror at ``mirror_slots`` (``(b * kv_heads + head) * capacity + position`` for each
+    token and head, the mirror seen as ``[B * kv_heads, capacity, 1, head_dim]`` blocks) and
+    returns the mirror's K/V of the batch; on the flash path (``flash_attn`` set) it returns its
+    inputs unchanged and :func:`_paged_flash_attention` reads the blocks in place.
     """
 
     def __init__(
         self,
         cache: PagedKVCache,
         slots: torch.Tensor,
-        token_index: torch.Tensor,
+        token_index: torch.Tensor | None,
         lengths: torch.Tensor,
         max_length: int,
-        block_table: torch.Tensor,
+        block_table: torch.Tensor | None,
         flash_attn: Callable | None,
+        mirror: _DenseMirror | None,
+        mirror_slots: torch.Tensor | None,
     ) -> None:
         super().__init__(layers=[])
         self.cache = cache
@@ -97,26 +142,33 @@ class _PagedStep(Cache):
         self.block_table = block_table
         self.flash_attn = flash_attn
         self.cache_seqlens = lengths.to(torch.int32) if flash_attn is not None else None
+        self.mirror = mirror
+        self.mirror_slots = mirror_slots
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = self.cache.dtype
         new_keys, new_values = (  # [tokens, kv_heads, head_dim]; integer indexing: no host sync
-            states.transpose(1, 2).flatten(0, 1).index_select(0, self.token_index).to(dtype)
-            for states in (key_states, value_states)
+            states.transpose(1, 2).flatten(0, 1) for states in (key_states, value_states)
         )
-        self.cache._write_reserved(layer_idx, new_keys, new_values, self.slots)
+        if self.token_index is not None:
+            new_keys = new_keys.index_select(0, self.token_index)
+            new_values = new_values.index_select(0, self.token_index)
+        new_keys, new_values = new_keys.to(dtype), new_values.to(dtype)
+        self.cache.write_reserved(layer_idx, new_keys, new_values, self.slots)
         if self.flash_attn is not None:
             return key_states, value_states
-        keys, values = gather_padded(
-            self.cache.key_cache[layer_idx],
-            self.cache.value_cache[layer_idx],
-            self.block_table,
-            self.lengths,
-            self.max_length,
+        keys, values = self.mirror.kv[layer_idx]  # [B, kv_heads, capacity, head_dim] each
+        batch, heads, capacity, head_dim = keys.shape
+        write_slots(
+            keys.view(batch * heads, capacity, 1, head_dim),
+            values.view(batch * heads, capacity, 1, head_dim),
+            new_keys.to(keys.dtype).reshape(-1, 1, head_dim),
+            new_values.to(values.dtype).reshape(-1, 1, head_dim),
+            self.mirror_slots,
         )
-        return keys.to(key_states.dtype), values.to(value_states.dtype)
+        return keys[:, :, : self.max_length], values[:, :, : self.max_length]
 
 
 def _paged_flash_attention(
@@ -211,9 +263,10 @@ class PagedCausalLM:
             head_dim,
             num_blocks,
             block_size=block_size,
-            dtype=weight.dtype if cache_dtype is None else cache_dtype,
+            dtype=weight.dtype if cache_dtype is None else _check_cache_dtype(cache_dtype),
             device=weight.device,
         )
+        self._mirror: _DenseMirror | None = None
         self._flash_attn = None
         if self.cache.dtype == weight.dtype and _flash_path_supported(
             weight.device, self.cache.dtype, block_size, head_dim
@@ -276,9 +329,11 @@ class PagedCausalLM:
         self.cache.truncate(sid, length)
 
     def free(self, sids: int | Sequence[int]) -> None:
-        """Releases one sequence or several."""
+        """Releases one sequence or several (and the dense mirror once none of its rows is live)."""
         for sid in self._sid_list(sids):
             self.cache.free(sid)
+        if self._mirror is not None and not set(self._mirror.sids) & set(self.cache.sequences):
+            self._mirror = None
 
     def seq_len(self, sid: int) -> int:
         return self.cache.seq_len(sid)
@@ -365,18 +420,38 @@ class PagedCausalLM:
         lengths = torch.tensor(new_lengths, device=device)
         columns = torch.arange(q, device=device)
         positions = (lengths[:, None] - q + columns).clamp_min(0)  # [B, q]
-        token_index = torch.tensor(  # the real (not padding) tokens, row-major
-            [b * q + column for b, n in enumerate(counts) for column in range(q - n, q)],
-            device=device,
-        )
+        token_index = None  # the real (not padding) tokens, row-major; None: all of them
+        if min(counts) < q:
+            token_index = torch.tensor(
+                [b * q + column for b, n in enumerate(counts) for column in range(q - n, q)],
+                device=device,
+            )
+        mirror = mirror_slots = block_table = None
+        if self._flash_attn is not None:
+            block_table = self.cache.block_table(sids)
+        else:
+            mirror = self._mirror_for(sids, past, max(new_lengths))
+            heads_capacity = self.cache.num_kv_heads * mirror.capacity
+            positions_at = torch.tensor(  # row b, position p -> b * kv_heads * capacity + p
+                [
+                    b * heads_capacity + p
+                    for b, (p0, p1) in enumerate(zip(past, new_lengths))
+                    for p in range(p0, p1)
+                ],
+                device=device,
+            )
+            heads_at = torch.arange(self.cache.num_kv_heads, device=device) * mirror.capacity
+            mirror_slots = (positions_at[:, None] + heads_at).flatten()  # token-major, then head
         step = _PagedStep(
             self.cache,
             slots,
             token_index,
             lengths,
             max(new_lengths),
-            self.cache.block_table(sids),
+            block_table,
             self._flash_attn,
+            mirror,
+            mirror_slots,
         )
 
         inputs = {
@@ -398,4 +473,61 @@ class PagedCausalLM:
             mask.masked_fill_(~visible, torch.finfo(mask.dtype).min)
             inputs["attention_mask"] = mask[:, None]
             logits = self.model(**inputs).logits
+            mirror.lengths = new_lengths
         return logits[:, -1].float()
+
+    def _mirror_for(self, sids: list[int], past: list[int], needed: int) -> _DenseMirror:
+        """The dense mirror for a step over ``sids`` (``past[b]`` cached tokens each) that needs
+        ``needed`` positions: the current mirror (its rows compacted to ``sids`` and its capacity
+        widened as needed) if it holds these sequences as they are, else one gathered from the
+        blocks. The result becomes the current mirror."""
+        edits = self.cache.edits
+        current = self._mirror
+        self._mirror = None  # dropped before a new one is allocated
+        rows = None if current is None else current.rows_of(sids, past, edits)
+        if rows is None:
+            kv = self._gather_mirror(sids, past, _mirror_capacity(needed))
+        else:
+            kv = current.kv
+            if rows != list(range(len(current.sids))):  # finished sequences left the batch
+                kv = kv.index_select(2, torch.tensor(rows, device=kv.device))
+            if needed > kv.shape[4]:
+                wider = kv.new_zeros(kv.shape[:4] + (_mirror_capacity(needed),) + kv.shape[5:])
+                wider[..., : kv.shape[4], :] = kv
+                kv = wider
+        del current
+        self._mirror = _DenseMirror(sids, list(past), kv, edits)
+        return self._mirror
+
+    def _gather_mirror(self, sids: list[int], past: list[int], capacity: int) -> torch.Tensor:
+        """``[num_layers, 2, B, kv_heads, capacity, head_dim]``: the first ``past[b]`` cached
+        tokens of ``sids[b]`` read from the blocks, zeros after them."""
+        cache = self.cache
+        kv = torch.zeros(
+            (cache.num_layers, 2, len(sids), cache.num_kv_heads, capacity, cache.head_dim),
+            dtype=self._dtype,
+            device=cache.device,
+        )
+        longest = max(past)
+        if longest:
+            table = cache.block_table(sids)
+            lengths = torch.tensor(past, device=cache.device)
+            for layer in range(cache.num_layers):
+                keys, values = gather_padded(  # [B, kv_heads, longest, head_dim] each
+                    cache.key_cache[layer], cache.value_cache[layer], table, lengths, longest
+                )
+                kv[layer, 0, :, :, :longest] = keys
+                kv[layer, 1, :, :, :longest] = values
+        return kv
+
+
+def _check_cache_dtype(cache_dtype: object) -> torch.dtype:
+    if not isinstance(cache_dtype, torch.dtype) or cache_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"cache_dtype must be one of {FLOAT_DTYPES}, got {cache_dtype!r}")
+    return cache_dtype
+
+
+def _mirror_capacity(needed: int) -> int:
+    """Positions to allocate for a mirror that needs ``needed`` now: room for at least 64 more
+    tokens (a quarter more for long sequences), so it is widened once per many decode steps."""
+    return needed + max(64, needed // 4)

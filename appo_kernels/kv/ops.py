@@ -1,8 +1,10 @@
 """Device data movement for the paged KV cache: tail-block copy, slot write, padded gather.
 
-Each op runs the CUDA kernels of the extension ``appo_kernels._C`` (csrc/) when the extension is
-built and the tensors are on CUDA, and otherwise a PyTorch path that gives bit-identical results
-(every op only moves bits). ``APPO_KERNELS_BACKEND=torch`` forces the PyTorch path.
+Each op is a ``torch.library`` operator ``appo_kernels_kv::<name>`` (so ``torch.compile`` and
+fake tensors see one opaque op with declared mutations). Its CUDA kernel is the extension
+``appo_kernels._C`` (csrc/, which defines the schemas) when it is built; its CPU kernel -- and its
+CUDA kernel when the extension is not built -- is a PyTorch path that gives bit-identical results
+(every op only moves bits). ``APPO_KERNELS_BACKEND=torch`` forces the PyTorch path on CUDA too.
 
 Layouts (the cache owns and validates them; these functions trust their arguments):
 
@@ -21,9 +23,27 @@ import torch
 
 from appo_kernels._backend import forced_backend
 
+NAMESPACE = "appo_kernels_kv"
+# The operator schemas, exactly as csrc/kv_cache_bindings.cpp defines them (a test compares).
+SCHEMAS = {
+    "copy_block_prefix": (
+        "copy_block_prefix(Tensor(a!) kv, Tensor src_blocks, Tensor dst_blocks, int num_tokens) "
+        "-> ()"
+    ),
+    "write_slots": (
+        "write_slots(Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor key, Tensor value, "
+        "Tensor slots) -> ()"
+    ),
+    "gather_padded": (
+        "gather_padded(Tensor key_cache, Tensor value_cache, Tensor block_table, "
+        "Tensor lengths, int max_len) -> (Tensor, Tensor)"
+    ),
+}
+
 
 def _load_extension() -> bool:
-    """Loads ``appo_kernels._C`` (it registers ``torch.ops.appo_kernels_kv``) if it was built."""
+    """Loads ``appo_kernels._C`` (it defines ``torch.ops.appo_kernels_kv`` with CUDA kernels) if
+    it was built."""
     spec = importlib.util.find_spec("appo_kernels._C")
     if spec is None or spec.origin is None:
         return False
@@ -32,10 +52,25 @@ def _load_extension() -> bool:
 
 
 HAS_EXTENSION = _load_extension()
+_LIBRARY = torch.library.Library(NAMESPACE, "FRAGMENT")
+if not HAS_EXTENSION:
+    for _schema in SCHEMAS.values():
+        _LIBRARY.define(_schema)
 
 
-def _use_extension(t: torch.Tensor) -> bool:
-    return HAS_EXTENSION and t.is_cuda and forced_backend() != "torch"
+def _register(name: str, torch_path, fake) -> None:
+    """The PyTorch path as the op's CPU kernel (and CUDA kernel without the extension), and its
+    fake (shapes only) for meta / fake tensors."""
+    _LIBRARY.impl(name, torch_path, "CPU")
+    if not HAS_EXTENSION:
+        _LIBRARY.impl(name, torch_path, "CUDA")
+    torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=_LIBRARY)
+
+
+def _use_torch_path(t: torch.Tensor) -> bool:
+    """Whether to call the PyTorch path directly: only to override the extension's CUDA kernel
+    when ``APPO_KERNELS_BACKEND=torch``; everything else goes through the op."""
+    return HAS_EXTENSION and t.is_cuda and forced_backend() == "torch"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -49,16 +84,19 @@ def copy_block_prefix(
     destination blocks are distinct and never sources."""
     if src_blocks.numel() == 0 or num_tokens == 0:
         return
-    if _use_extension(kv):
-        torch.ops.appo_kernels_kv.copy_block_prefix(kv, src_blocks, dst_blocks, num_tokens)
-    else:
+    if _use_torch_path(kv):
         copy_block_prefix_torch(kv, src_blocks, dst_blocks, num_tokens)
+    else:
+        torch.ops.appo_kernels_kv.copy_block_prefix(kv, src_blocks, dst_blocks, num_tokens)
 
 
 def copy_block_prefix_torch(
     kv: torch.Tensor, src_blocks: torch.Tensor, dst_blocks: torch.Tensor, num_tokens: int
 ) -> None:
     kv[:, :, dst_blocks, :num_tokens] = kv[:, :, src_blocks, :num_tokens]
+
+
+_register("copy_block_prefix", copy_block_prefix_torch, lambda *args: None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,10 +113,10 @@ def write_slots(
     (int64, distinct, in range) of one layer's caches."""
     if slots.numel() == 0:
         return
-    if _use_extension(key_cache):
-        torch.ops.appo_kernels_kv.write_slots(key_cache, value_cache, key, value, slots)
-    else:
+    if _use_torch_path(key_cache):
         write_slots_torch(key_cache, value_cache, key, value, slots)
+    else:
+        torch.ops.appo_kernels_kv.write_slots(key_cache, value_cache, key, value, slots)
 
 
 def write_slots_torch(
@@ -90,6 +128,9 @@ def write_slots_torch(
 ) -> None:
     key_cache.flatten(0, 1).index_copy_(0, slots, key)
     value_cache.flatten(0, 1).index_copy_(0, slots, value)
+
+
+_register("write_slots", write_slots_torch, lambda *args: None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,12 +147,12 @@ def gather_padded(
     ``block_table[b, t // block_size]``) into ``[B, heads, max_len, head_dim]`` tensors; positions
     past ``lengths[b]`` are +0.0. ``block_table``: int32 ``[B, >= ceil(max_len / block_size)]``;
     ``lengths``: int64 ``[B]``, each ``<= max_len``."""
-    if _use_extension(key_cache):
-        keys, values = torch.ops.appo_kernels_kv.gather_padded(
-            key_cache, value_cache, block_table, lengths, max_len
-        )
-        return keys, values
-    return gather_padded_torch(key_cache, value_cache, block_table, lengths, max_len)
+    if _use_torch_path(key_cache):
+        return gather_padded_torch(key_cache, value_cache, block_table, lengths, max_len)
+    keys, values = torch.ops.appo_kernels_kv.gather_padded(
+        key_cache, value_cache, block_table, lengths, max_len
+    )
+    return keys, values
 
 
 def gather_padded_torch(
@@ -134,3 +175,12 @@ def gather_padded_torch(
         return tokens.transpose(1, 2).contiguous()
 
     return read(key_cache), read(value_cache)
+
+
+def _gather_padded_fake(key_cache, value_cache, block_table, lengths, max_len):
+    _, _, heads, head_dim = key_cache.shape
+    keys = key_cache.new_empty((block_table.shape[0], heads, max_len, head_dim))
+    return keys, torch.empty_like(keys)
+
+
+_register("gather_padded", gather_padded_torch, _gather_padded_fake)
