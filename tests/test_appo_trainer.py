@@ -229,3 +229,24 @@ def test_cold_start_refuses_no_tasks_and_bad_step_counts():
     with pytest.raises(ValueError, match="steps"):
         trainer.cold_start(make_tasks(0, 2), -1)
     assert trainer.cold_start([], 0) == []
+
+
+def test_trained_branches_get_their_own_pi_old():
+    """With ``train_branches`` the branch rows join the update; their π_old comes from a pass of
+    their own, aligned with the initial rows' (the same weights score both)."""
+    model, tokenizer = tiny_model(seed=5)
+    config = TrainConfig(n=3, b=2, max_new_tokens=10, train_branches=True, lr=1e-3, seed=1)
+    trainer = Trainer(model, tokenizer, config, reward_fn=_text_reward, max_concurrent=4)
+    rollouts = trainer.engine.sample(
+        [trainer.prompts(make_tasks(0, 1))[0]] * 3, [0, 0, 0], trainer.generator
+    )
+    scored = trainer.score(rollouts)
+    branches = trainer.engine.branch(rollouts, [(0, 2), (1, 3)], trainer.generator)
+    trainer.engine.release(rollouts + branches)
+    old = trainer.old_logprob(scored, branches)
+    alone = trainer.score(rollouts + branches).logprob
+    mask = trainer.batch(rollouts + branches).policy_mask
+    assert old.shape == alone.shape
+    torch.testing.assert_close(old[mask], alone[mask], rtol=1e-5, atol=1e-5)
+    metrics, record = trainer.step(make_tasks(1, 2))
+    assert metrics["branches"] == 4 and metrics["updated"] > 0
