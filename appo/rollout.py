@@ -36,6 +36,9 @@ import torch
 from appo.model import stop_token_ids
 from appo.tools import ANSWER_CLOSE_TAG, CALL_CLOSE_TAGS, run_tool_call
 
+# Tokens decoded after each sampled token to look for a closing tag: enough for the longest tag
+# even at one character (or one byte) per token.
+_TAG_WINDOW = 2 * max(len(tag) for tag in (*CALL_CLOSE_TAGS, ANSWER_CLOSE_TAG)) + 4
 IGNORE_INDEX = -100
 
 
@@ -262,13 +265,18 @@ class RolloutEngine:
             return None
         feed = [token]
         if self.config.use_tools:
-            turn = self.tokenizer.decode(rollout.tokens[rollout.turn_start :])
-            if ANSWER_CLOSE_TAG in turn:
+            # Earlier tokens were checked already, so a closing tag that is new ends in this
+            # token: decode only the turn's last few tokens (decoding the whole turn after every
+            # token would be quadratic in its length), and the whole turn once a call closes.
+            window_start = max(rollout.turn_start, len(rollout.tokens) - _TAG_WINDOW)
+            tail = self.tokenizer.decode(rollout.tokens[window_start:])
+            if ANSWER_CLOSE_TAG in tail:
                 rollout.stop = "answer"
                 return None
-            call_end = min(
-                (turn.find(tag) + len(tag) for tag in CALL_CLOSE_TAGS if tag in turn), default=-1
-            )
+            call_end = -1
+            if any(tag in tail for tag in CALL_CLOSE_TAGS):
+                turn = self.tokenizer.decode(rollout.tokens[rollout.turn_start :])
+                call_end = min(turn.find(tag) + len(tag) for tag in CALL_CLOSE_TAGS if tag in turn)
             if call_end >= 0:
                 if rollout.tool_calls >= self.config.max_tool_calls:
                     rollout.stop = "tool_limit"

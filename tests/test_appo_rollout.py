@@ -11,7 +11,9 @@ import torch
 
 from appo.model import prompt_ids, tiny_model
 from appo.rollout import (
+    _TAG_WINDOW,
     IGNORE_INDEX,
+    Rollout,
     RolloutBatch,
     RolloutConfig,
     RolloutEngine,
@@ -134,6 +136,31 @@ def test_tool_output_is_masked_from_loss_and_candidates(tiny):
     loss.backward()
     assert logits.grad[0, :n][obs].abs().max() == 0
     assert logits.grad[0, :n][~obs].abs().max() > 0
+
+
+def test_tag_scan_decodes_a_bounded_window_per_token(tiny):
+    """After each sampled token the engine looks for a closing tag in the turn's last few tokens
+    only (linear in the turn's length), and still finds a tag and the whole call it closes."""
+    model, tokenizer = tiny
+    decoded = []
+
+    class CountingTokenizer:
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def decode(self, ids, **kwargs):
+            decoded.append(len(ids))
+            return tokenizer.decode(ids, **kwargs)
+
+    engine = _engine(model, CountingTokenizer(), max_new_tokens=10_000)
+    rollout = Rollout(group=0, prompt=[])
+    text = "x" * 3000 + "<calc>2+3</calc>"
+    for token in tokenizer.encode(text, add_special_tokens=False):
+        rollout.append([token], False)
+        feed = engine._after_token(rollout)
+    assert rollout.tool_calls == 1 and tokenizer.decode(feed[1:]) == "<out>5</out>"
+    # one window per token, plus the whole turn once when the call closed
+    assert max(decoded[:-1]) <= _TAG_WINDOW and decoded[-1] == len(text)
 
 
 def test_branch_after_observation_carries_tool_count_and_rejects_observation_points(tiny):
