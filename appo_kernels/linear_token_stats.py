@@ -46,13 +46,13 @@ from appo_kernels.token_stats import (
 
 # Logits bytes of one chunk when chunk_size is not given: large enough for efficient matmuls
 # (and few read-modify-write passes of dW, one per chunk), small next to the [N, V] logits it
-# replaces (Qwen2.5's V = 152064 in bf16: 832 rows on CUDA; SmolLM2's 49152 in fp32: 320 on CPU).
-_CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 64 << 20}
+# replaces (Qwen2.5's V = 152064 in bf16: 832 rows on CUDA; SmolLM2's 49152 in fp32: 512 on CPU).
+_CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 96 << 20}
 _ROW_MULTIPLE = 64  # chunk rows are a multiple of this (matmul tiles), unless N is smaller
 
 
 def default_chunk_size(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
-    """Rows per chunk so that one chunk of logits takes about 256 MB on CUDA, 64 MB on CPU."""
+    """Rows per chunk so that one chunk of logits takes about 256 MB on CUDA, 96 MB on CPU."""
     budget = _CHUNK_BYTES["cuda" if device.type == "cuda" else "cpu"]
     rows = max(1, budget // (vocab * dtype.itemsize))
     if rows >= _ROW_MULTIPLE:
@@ -80,11 +80,19 @@ def _take(x: torch.Tensor, r0: int, r1: int, index: torch.Tensor | None) -> torc
     return x[r0:r1] if index is None else x.index_select(0, index)
 
 
-def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``h W^T + b`` for one chunk of rows ([n, V], contiguous, the hidden dtype)."""
-    if bias is None:
-        return h @ weight.t()
-    return torch.addmm(bias, h, weight.t())
+class _LogitsChunk:
+    """One ``[chunk_size, V]`` buffer, allocated once per call, that holds each chunk's logits
+    ``h W^T + b`` in turn (in the hidden dtype): a new chunk never coexists with the last one."""
+
+    def __init__(self, chunk_size, weight, bias, dtype):
+        self.weight, self.bias = weight, bias
+        self.buffer = torch.empty((chunk_size, weight.shape[0]), device=weight.device, dtype=dtype)
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        out = self.buffer[: h.shape[0]]
+        if self.bias is None:
+            return torch.mm(h, self.weight.t(), out=out)
+        return torch.addmm(self.bias, h, self.weight.t(), out=out)
 
 
 @torch.library.custom_op("appo_kernels::linear_token_stats_fwd", mutates_args=())
@@ -106,8 +114,9 @@ def _linear_token_stats_fwd(
     kept = _kept_rows(ids, ignore_index) if n_rows else None
     n_kept = n_rows if kept is None else kept.numel()
     chunk_size = chunk_size or default_chunk_size(n_kept, vocab, hidden.dtype, hidden.device)
+    logits_of = _LogitsChunk(min(chunk_size, max(n_kept, 1)), weight, bias, hidden.dtype)
     for r0, r1, index in _chunks(n_kept, chunk_size, kept):
-        logits = _logits(_take(hidden, r0, r1, index), weight, bias)
+        logits = logits_of(_take(hidden, r0, r1, index))
         chunk_stats = rows_forward(
             logits.unsqueeze(0), _take(ids, r0, r1, index), temperature, ignore_index
         )
@@ -155,9 +164,10 @@ def _linear_token_stats_bwd(
         None if g is None else g.reshape(-1).to(torch.float32).contiguous()  # may be expanded
         for g in (grad_logprob, grad_entropy)
     ]
+    logits_of = _LogitsChunk(min(chunk_size, max(n_kept, 1)), weight, bias, hidden.dtype)
     for r0, r1, index in _chunks(n_kept, chunk_size, kept):
         h = _take(hidden, r0, r1, index)
-        logits = _logits(h, weight, bias)
+        logits = logits_of(h)
         saved = [_take(t, r0, r1, index) for t in (row_max, log_sum, entropy)]
         upstream = [None if g is None else _take(g, r0, r1, index) for g in grads]
         dlogits = rows_backward(
@@ -283,7 +293,7 @@ def linear_token_stats(
     ignore_index : int
         Rows with this id are skipped entirely: ``logprob = 0``, ``entropy = 0``, zero gradient.
     chunk_size : int, optional
-        Rows per chunk of logits; by default about 256 MB of logits on CUDA, 64 MB on CPU.
+        Rows per chunk of logits; by default about 256 MB of logits on CUDA, 96 MB on CPU.
 
     Returns
     -------

@@ -164,7 +164,7 @@ def test_default_chunk_size():
     rows = default_chunk_size(16384, 152064, torch.bfloat16, cuda)
     assert rows % 64 == 0 and rows * 152064 * 2 <= 256 << 20 < (rows + 64) * 152064 * 2
     assert default_chunk_size(10, 152064, torch.bfloat16, cuda) == 10  # capped by N
-    assert default_chunk_size(4096, 49152, torch.float32, cpu) * 49152 * 4 <= 64 << 20
+    assert default_chunk_size(4096, 49152, torch.float32, cpu) * 49152 * 4 <= 96 << 20
     assert default_chunk_size(3, 10**9, torch.float32, cpu) == 1
 
 
