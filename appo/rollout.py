@@ -135,7 +135,7 @@ class RolloutEngine:
         sids, logits = prefill([r.prompt for r in rollouts])
         for rollout, sid in zip(rollouts, sids):
             rollout.sid = sid
-        self._loop(rollouts, logits, generator)
+        self._loop(rollouts, generator, logits=logits)
         return rollouts
 
     def branch(
@@ -182,8 +182,7 @@ class RolloutEngine:
             feeds.append((child, feed))
         if feeds:
             active = [child for child, _ in feeds]
-            logits = self._advance(active, [feed for _, feed in feeds])
-            self._loop(active, logits, generator)
+            self._loop(active, generator, pending={id(c): feed for c, feed in feeds})
         return branches
 
     def release(self, rollouts: Sequence[Rollout]) -> None:
@@ -231,19 +230,47 @@ class RolloutEngine:
         sids = [sequences[i].pop(0) for i in rows]
         return sids, logits[torch.tensor(rows, device=logits.device)]
 
-    def _loop(self, active: list[Rollout], logits: torch.Tensor, generator) -> None:
+    def _loop(
+        self,
+        active: list[Rollout],
+        generator,
+        *,
+        logits: torch.Tensor | None = None,
+        pending: dict[int, list[int]] | None = None,
+    ) -> None:
+        """Generates until every rollout in ``active`` has finished. ``logits`` [B, V] follow
+        each rollout's cached tokens; ``pending`` maps ``id(rollout)`` to tokens it must feed
+        before it samples again (the first step's feeds when there are no logits yet).
+
+        A rollout whose feed is longer than one token -- its sampled token and a tool's output --
+        feeds one token a step and samples nothing until the last is in, while the others keep
+        decoding: the step stays a one-token decode of the whole batch, where feeding it all at
+        once would pad every row to the longest feed. Only when no rollout would sample after a
+        one-token step are all the remaining feeds given at once (one padded extend)."""
+        pending = dict(pending or {})
         while active:
-            tokens, logprobs = self._sample(logits, active, generator)
-            still, feeds = [], []
-            for rollout, token, logprob in zip(active, tokens, logprobs):
-                rollout.append([token], False, [logprob])
-                feed = self._after_token(rollout)
-                if feed is not None:
-                    still.append(rollout)
-                    feeds.append(feed)
-            active = still
-            if active:
-                logits = self._advance(active, feeds)
+            if logits is not None:
+                idle = [i for i, r in enumerate(active) if not pending.get(id(r))]
+                rows = [active[i] for i in idle]
+                finished = set()
+                if rows:
+                    picked = logits[torch.tensor(idle, device=logits.device)]
+                    tokens, logprobs = self._sample(picked, rows, generator)
+                    for rollout, token, logprob in zip(rows, tokens, logprobs):
+                        rollout.append([token], False, [logprob])
+                        feed = self._after_token(rollout)
+                        if feed is None:
+                            finished.add(id(rollout))
+                        else:
+                            pending[id(rollout)] = feed
+                active = [r for r in active if id(r) not in finished]
+            if not active:
+                break
+            sids = [r.sid for r in active]
+            if all(len(pending[id(r)]) > 1 for r in active):  # no row would sample next step
+                logits = self.lm.extend(sids, [pending.pop(id(r)) for r in active])
+            else:
+                logits = self.lm.decode(sids, [pending[id(r)].pop(0) for r in active])
 
     def _sample(self, logits: torch.Tensor, rollouts: list[Rollout], generator):
         logits = logits.float()
@@ -292,12 +319,6 @@ class RolloutEngine:
             rollout.stop = "length"
             return None
         return feed
-
-    def _advance(self, rollouts: list[Rollout], feeds: list[list[int]]) -> torch.Tensor:
-        sids = [r.sid for r in rollouts]
-        if all(len(f) == 1 for f in feeds):
-            return self.lm.decode(sids, [f[0] for f in feeds])
-        return self.lm.extend(sids, feeds)
 
 
 def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
