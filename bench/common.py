@@ -115,3 +115,13 @@ def device_slug(device: torch.device) -> str:
     """A file-name-friendly device name: ``nvidia_h200``, ``cpu_amd_epyc``."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu " + cpu_name()
     return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_").replace("__", "_")
+
+
+def emit_table(table: str, out: str | None) -> None:
+    """Prints a markdown table and writes it to ``out`` (folders created) when given."""
+    print()
+    print(table)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            f.write(table)

@@ -32,6 +32,7 @@ from collections.abc import Callable
 
 import torch
 from common import (
+    emit_table,
     high_water_kib,
     median_time,
     peak_extra_cuda,
@@ -317,12 +318,7 @@ def main(argv=None) -> None:
     results = run(args)
     command = " ".join(["python bench/linear_token_stats.py", *(argv or sys.argv[1:])])
     table = markdown(results, versions(torch.device(args.device)), command.strip())
-    print()
-    print(table)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(table)
+    emit_table(table, args.out)
 
 
 if __name__ == "__main__":

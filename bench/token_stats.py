@@ -32,6 +32,7 @@ from collections.abc import Callable
 import torch
 from common import (
     copy_bandwidth,
+    emit_table,
     high_water_kib,
     median_time,
     peak_extra_cuda,
@@ -290,12 +291,7 @@ def main(argv=None) -> None:
         return
     results, bandwidth = run(args)
     table = markdown(results, bandwidth, versions(torch.device(args.device)))
-    print()
-    print(table)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(table)
+    emit_table(table, args.out)
 
 
 if __name__ == "__main__":
