@@ -4,19 +4,21 @@ and the branching step.
 verl loads this module on ``import verl`` through the ``verl.plugins`` entry point of this package,
 in the driver and in every Ray worker, and the import calls ``register()``:
 
-- policy losses ``"appo"`` (future-likelihood scaling, SPEC 2.6, then dual-clip PPO with
-  clip-higher, 2.7) and ``"appo_dual_clip"`` (2.7 only): ``actor.policy_loss.loss_mode=appo``.
+- policy losses ``"appo"`` (future-likelihood scaling, then dual-clip PPO with clip-higher:
+  docs/design.md section 9) and ``"appo_dual_clip"`` (the dual-clip loss only):
+  ``actor.policy_loss.loss_mode=appo``.
   They read verl's own keys (``clip_ratio_low/high``, ``clip_ratio_c``, ``loss_agg_mode``, the
   global token count in ``global_batch_info``) and the scaling options of
   ``APPOPolicyLossConfig`` (set ``actor.policy_loss._target_`` to
-  ``appo.integrations.verl.APPOPolicyLossConfig``; without it, the defaults of SPEC 2.6);
+  ``appo.integrations.verl.APPOPolicyLossConfig``; without it, the defaults of docs/design.md
+  section 9);
 - advantage estimator ``"appo"`` (``algorithm.adv_estimator=appo``): the dual-group procedure-level
-  advantage of SPEC 2.5 (``appo.advantages.procedure_advantages``). verl's ``compute_advantage``
-  hands an estimator the rewards, the response mask and the ``uid`` of each row, nothing else, so
-  the branch tree travels in the uid: ``select_branches`` gives the initial rows uids
-  ``"<uid>#appo:<k>"`` and the branch rows ``"<uid>#appo:<k>:<split>"`` (parent ``k``, first
-  re-sampled response position ``split``). Rows with a plain uid get plain group-normalised
-  advantages, ``(R − mean) / (std_population + 1e-6)`` per uid.
+  advantage of docs/design.md section 8 (``appo.advantages.procedure_advantages``). verl's
+  ``compute_advantage`` hands an estimator the rewards, the response mask and the ``uid`` of each
+  row, nothing else, so the branch tree travels in the uid: ``select_branches`` gives the
+  initial rows uids ``"<uid>#appo:<k>"`` and the branch rows ``"<uid>#appo:<k>:<split>"``
+  (parent ``k``, first re-sampled response position ``split``). Rows with a plain uid get plain
+  group-normalised advantages, ``(R − mean) / (std_population + 1e-6)`` per uid.
 
 ``use_kernels()`` swaps verl's log-prob / entropy functions for ``appo_kernels.token_stats`` and
 its fused LM head (``actor.use_fused_kernels=True``) for ``appo_kernels.linear_token_stats``.
@@ -57,8 +59,8 @@ UID_TAG = "#appo:"
 
 @dataclass
 class APPOPolicyLossConfig(PolicyLossConfig):
-    """verl's ``PolicyLossConfig`` plus the future-likelihood scaling options of SPEC 2.6
-    (``appo.loss.future_likelihood_scale``'s keyword arguments, prefixed ``scale_``)."""
+    """verl's ``PolicyLossConfig`` plus the future-likelihood scaling options of docs/design.md
+    section 9 (``appo.loss.future_likelihood_scale``'s keyword arguments, prefixed ``scale_``)."""
 
     loss_mode: str = "appo"
     scale_c: float = 3.0
@@ -134,8 +136,8 @@ def appo_policy_loss(
     config: Any = None,
     rollout_is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """verl policy loss ``"appo"``: future-likelihood scaled advantages (SPEC 2.6) in the
-    dual-clip PPO loss with clip-higher (2.7), aggregated by verl's ``agg_loss``."""
+    """verl policy loss ``"appo"``: future-likelihood scaled advantages in the dual-clip PPO loss
+    with clip-higher (docs/design.md section 9), aggregated by verl's ``agg_loss``."""
     return _policy_loss(
         old_log_prob,
         log_prob,
@@ -157,8 +159,8 @@ def appo_dual_clip_loss(
     config: Any = None,
     rollout_is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """verl policy loss ``"appo_dual_clip"``: the dual-clip PPO loss of SPEC 2.7 on the advantages
-    as given (no scaling); equals verl's ``"vanilla"`` loss."""
+    """verl policy loss ``"appo_dual_clip"``: the dual-clip PPO loss (docs/design.md section 9) on
+    the advantages as given (no scaling); equals verl's ``"vanilla"`` loss."""
     return _policy_loss(
         old_log_prob,
         log_prob,
@@ -220,9 +222,9 @@ def appo_advantage(
     config: Any = None,
     **unused: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """verl advantage estimator ``"appo"``: (advantages, returns), both the SPEC 2.5 token
-    advantages ``[R, T]`` float32 (branch rows get 0: drop them before the update with
-    ``is_branch_row``). ``index`` is verl's ``uid`` column (module docstring)."""
+    """verl advantage estimator ``"appo"``: (advantages, returns), both the token advantages of
+    docs/design.md section 8, ``[R, T]`` float32 (branch rows get 0: drop them before the update
+    with ``is_branch_row``). ``index`` is verl's ``uid`` column (module docstring)."""
     if index is None:
         raise ValueError("index (verl's uid column) is required by the 'appo' estimator")
     if len(index) != token_level_rewards.shape[0]:
@@ -414,7 +416,7 @@ def select_branches(
     log_prob_key: str = "old_log_probs",
     rollout_log_prob_key: str = "rollout_log_probs",
 ) -> Branches:
-    """APPO's branching step (SPEC 2.3-2.4) on a verl batch of initial rollouts.
+    """APPO's branching step (docs/design.md sections 5-7) on a verl batch of initial rollouts.
 
     Scores every generated token with ``branching_score_from_stats`` (trainer entropies and
     log-probs against the rollout engine's log-probs), picks ``budget`` points per prompt group
@@ -430,7 +432,7 @@ def select_branches(
         budget: branch points per prompt group (>= 1).
         keep_selected_token: keep the chosen token and re-sample from the next one (the paper
             code's variant); a row's last generated token is then never chosen.
-        gamma, clip: future-value discount and clip (SPEC 2.3).
+        gamma, clip: future-value discount and clip (docs/design.md section 5).
 
     Returns:
         ``Branches``. Set ``batch.non_tensor_batch["uid"] = branches.batch_uid``, give each
