@@ -80,6 +80,14 @@ def _take(x: torch.Tensor, r0: int, r1: int, index: torch.Tensor | None) -> torc
     return x[r0:r1] if index is None else x.index_select(0, index)
 
 
+def _put(full: torch.Tensor, r0: int, r1: int, index: torch.Tensor | None, part: torch.Tensor):
+    """Writes a chunk's rows back where ``_take`` read them."""
+    if index is None:
+        full[r0:r1] = part
+    else:
+        full.index_copy_(0, index, part)
+
+
 class _LogitsChunk:
     """One ``[chunk_size, V]`` buffer, allocated once per call, that holds each chunk's logits
     ``h W^T + b`` in turn (in the hidden dtype): a new chunk never coexists with the last one."""
@@ -95,6 +103,17 @@ class _LogitsChunk:
         return torch.addmm(self.bias, h, self.weight.t(), out=out)
 
 
+def _chunk_plan(hidden, weight, bias, ids, ignore_index, chunk_size):
+    """The chunks of the rows that are not ``ignore_index`` (see ``_chunks``) and the logits
+    buffer they share; forward and backward walk the same plan."""
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    kept = _kept_rows(ids, ignore_index) if n_rows else None
+    n_kept = n_rows if kept is None else kept.numel()
+    chunk_size = chunk_size or default_chunk_size(n_kept, vocab, hidden.dtype, hidden.device)
+    logits_of = _LogitsChunk(min(chunk_size, max(n_kept, 1)), weight, bias, hidden.dtype)
+    return _chunks(n_kept, chunk_size, kept), logits_of
+
+
 @torch.library.custom_op("appo_kernels::linear_token_stats_fwd", mutates_args=())
 def _linear_token_stats_fwd(
     hidden: torch.Tensor,
@@ -107,24 +126,17 @@ def _linear_token_stats_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden [N, H], weight [V, H], bias [V] or None, tokens [N] -> float32 (logprob, entropy,
     row_max, log_sum), each [N]; 0 on ignored rows."""
-    n_rows, vocab = hidden.shape[0], weight.shape[0]
     ids = flat_ids(tokens)
-    check_token_ids(ids, vocab, ignore_index)
-    stats = [torch.zeros(n_rows, device=hidden.device, dtype=torch.float32) for _ in range(4)]
-    kept = _kept_rows(ids, ignore_index) if n_rows else None
-    n_kept = n_rows if kept is None else kept.numel()
-    chunk_size = chunk_size or default_chunk_size(n_kept, vocab, hidden.dtype, hidden.device)
-    logits_of = _LogitsChunk(min(chunk_size, max(n_kept, 1)), weight, bias, hidden.dtype)
-    for r0, r1, index in _chunks(n_kept, chunk_size, kept):
+    check_token_ids(ids, weight.shape[0], ignore_index)
+    stats = [hidden.new_zeros(hidden.shape[0], dtype=torch.float32) for _ in range(4)]
+    chunks, logits_of = _chunk_plan(hidden, weight, bias, ids, ignore_index, chunk_size)
+    for r0, r1, index in chunks:
         logits = logits_of(_take(hidden, r0, r1, index))
         chunk_stats = rows_forward(
             logits.unsqueeze(0), _take(ids, r0, r1, index), temperature, ignore_index
         )
         for full, part in zip(stats, chunk_stats):
-            if index is None:
-                full[r0:r1] = part
-            else:
-                full.index_copy_(0, index, part)
+            _put(full, r0, r1, index, part)
     return tuple(stats)
 
 
@@ -152,20 +164,16 @@ def _linear_token_stats_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (d_hidden [N, H], d_weight [V, H] or [0], d_bias [V] or [0]); the empty ones
     when that gradient is not needed (custom ops cannot return None)."""
-    n_rows, vocab = hidden.shape[0], weight.shape[0]
     ids = flat_ids(tokens)
     d_hidden = torch.zeros_like(hidden)
     d_weight = torch.zeros_like(weight) if needs_weight_grad else weight.new_empty(0)
-    d_bias = weight.new_zeros(vocab if needs_bias_grad else 0)
-    kept = _kept_rows(ids, ignore_index) if n_rows else None
-    n_kept = n_rows if kept is None else kept.numel()
-    chunk_size = chunk_size or default_chunk_size(n_kept, vocab, hidden.dtype, hidden.device)
+    d_bias = weight.new_zeros(weight.shape[0] if needs_bias_grad else 0)
     grads = [
         None if g is None else g.reshape(-1).to(torch.float32).contiguous()  # may be expanded
         for g in (grad_logprob, grad_entropy)
     ]
-    logits_of = _LogitsChunk(min(chunk_size, max(n_kept, 1)), weight, bias, hidden.dtype)
-    for r0, r1, index in _chunks(n_kept, chunk_size, kept):
+    chunks, logits_of = _chunk_plan(hidden, weight, bias, ids, ignore_index, chunk_size)
+    for r0, r1, index in chunks:
         h = _take(hidden, r0, r1, index)
         logits = logits_of(h)
         saved = [_take(t, r0, r1, index) for t in (row_max, log_sum, entropy)]
@@ -174,11 +182,7 @@ def _linear_token_stats_bwd(
             logits.unsqueeze(0), _take(ids, r0, r1, index), *saved, *upstream, temperature,
             ignore_index, out=logits,
         )  # fmt: skip
-        d_h = dlogits @ weight
-        if index is None:
-            d_hidden[r0:r1] = d_h
-        else:
-            d_hidden.index_copy_(0, index, d_h)
+        _put(d_hidden, r0, r1, index, dlogits @ weight)
         if needs_weight_grad:
             d_weight.addmm_(dlogits.t(), h)
         if needs_bias_grad:
