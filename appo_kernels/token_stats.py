@@ -381,6 +381,13 @@ def _softmax_terms(chunk, row_max, inv_temp, d, p):
     return p.sum(dim=-1)
 
 
+def _token_columns(y: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids in [0, V), [n, 1] gather/scatter columns with the others at 0): an id outside the
+    vocabulary is never used as an index (its log-prob is NaN, its one-hot term dropped)."""
+    in_range = (y >= 0) & (y < vocab)
+    return in_range, torch.where(in_range, y, 0).unsqueeze(-1)
+
+
 def _torch_forward(rows, tokens, temperature, ignore_index):
     """Per chunk: m = max x, d = (x - m) / tau, p = softmax(d), log s from the largest p,
     entropy = log s - <p, d> (d * p in place, then a row sum); logprob = d_y - log s read from the
@@ -397,8 +404,8 @@ def _torch_forward(rows, tokens, temperature, ignore_index):
         log_sum[r0:r1] = log_s
         entropy[r0:r1] = log_s - d.mul_(p).sum(dim=-1) / total
         y = tokens[r0:r1]
-        in_range = (y >= 0) & (y < vocab)
-        x_y = chunk.gather(-1, torch.where(in_range, y, 0).unsqueeze(-1)).squeeze(-1).float()
+        in_range, column = _token_columns(y, vocab)
+        x_y = chunk.gather(-1, column).squeeze(-1).float()
         lp = torch.where(in_range, (x_y - m) * inv_temp - log_s, float("nan"))
         logprob[r0:r1] = lp.masked_fill_(y == ignore_index, 0.0)
     return logprob, entropy, row_max, log_sum
@@ -409,7 +416,7 @@ def _torch_backward(rows, tokens, row_max, log_sum, entropy, grad_logprob, grad_
     """With q = p / total the probabilities: dz = q (d - log s + H) (-g_H / tau) - q g_lp / tau,
     plus g_lp / tau at y. The bracket is formed before the multiplication by q, so the float32
     minimum at a masked entry only ever meets q = 0."""
-    outer, inner, vocab = rows.shape
+    vocab = rows.shape[2]
     inv_temp = 1.0 / temperature
     for r0, chunk, d, p in _row_chunks(rows):
         r1 = r0 + chunk.shape[0]
@@ -427,12 +434,8 @@ def _torch_backward(rows, tokens, row_max, log_sum, entropy, grad_logprob, grad_
         else:
             dz = p.mul_((-g_lp * scale)[:, None])
         if g_lp is not None:
-            in_range = (y >= 0) & (y < vocab)
-            dz.scatter_add_(
-                -1,
-                torch.where(in_range, y, 0).unsqueeze(-1),
-                torch.where(in_range, g_lp * inv_temp, 0.0).unsqueeze(-1),
-            )
+            in_range, column = _token_columns(y, vocab)
+            dz.scatter_add_(-1, column, torch.where(in_range, g_lp * inv_temp, 0.0).unsqueeze(-1))
         out[r0:r1] = dz
     return out
 
@@ -442,9 +445,9 @@ def _torch_backward(rows, tokens, row_max, log_sum, entropy, grad_logprob, grad_
 # --------------------------------------------------------------------------------------------
 
 
-def _empty_stats(shape, device, count=4) -> tuple[torch.Tensor, ...]:
+def _empty_stats(shape, device) -> tuple[torch.Tensor, ...]:
     """Separate float32 outputs (custom-op outputs must not alias each other)."""
-    return tuple(torch.empty(shape, device=device, dtype=torch.float32) for _ in range(count))
+    return tuple(torch.empty(shape, device=device, dtype=torch.float32) for _ in range(4))
 
 
 def _row_view(logits: torch.Tensor) -> torch.Tensor:
