@@ -254,8 +254,9 @@ class RolloutEngine:
                 rows = [active[i] for i in idle]
                 finished = set()
                 if rows:
-                    picked = logits[torch.tensor(idle, device=logits.device)]
-                    tokens, logprobs = self._sample(picked, rows, generator)
+                    if len(idle) < len(active):  # rollouts still feeding sample nothing
+                        logits = logits[torch.tensor(idle, device=logits.device)]
+                    tokens, logprobs = self._sample(logits, rows, generator)
                     for rollout, token, logprob in zip(rows, tokens, logprobs):
                         rollout.append([token], False, [logprob])
                         feed = self._after_token(rollout)
