@@ -8,10 +8,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 from appo.advantages import STD_CONVENTIONS
+from appo.branching import RULES
 from appo.sampler import SAMPLER_DTYPES
 from appo_kernels.validation import check_count, check_nonneg, check_positive
 
-ALGOS = ("appo", "grpo", "entropy")
+# APPO, GRPO (no branching: N + B rollouts per prompt) and the other branch-point rules
+ALGOS = ("appo", "grpo", *(rule for rule in RULES if rule != "appo"))
 SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes seeds below this
 
 

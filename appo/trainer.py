@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from appo.advantages import procedure_advantages
+from appo.branching import BranchPlan, branch_candidates, plan_branches
 from appo.config import TrainConfig
 from appo.loss import KL_CLAMP, future_likelihood_scale, policy_loss
 from appo.model import prompt_ids
@@ -39,14 +40,7 @@ from appo.rollout import Rollout, RolloutBatch, RolloutConfig, RolloutEngine
 from appo.sampler import SAMPLER_DTYPES, SamplerPolicy
 from appo.tasks import Task, demonstration, reward, system_prompt
 from appo.tools import observation_spans
-from appo_kernels import (
-    TokenStats,
-    branching_score_from_stats,
-    discounted_future_sum,
-    future_value,
-    linear_token_stats,
-    select_branch_points,
-)
+from appo_kernels import TokenStats, discounted_future_sum, future_value, linear_token_stats
 from appo_kernels.kv.hf import PagedCausalLM
 from appo_kernels.validation import check_count
 
@@ -99,17 +93,6 @@ class Scored:
     batch: RolloutBatch
     logprob: torch.Tensor  # [R, T]
     entropy: torch.Tensor  # [R, T]
-
-
-@dataclass
-class BranchPlan:
-    """Where to branch (``points``: (row, position) pairs) and the statistics that chose them,
-    ``[R, T]`` over the initial rollouts."""
-
-    points: list[tuple[int, int]]
-    score: torch.Tensor
-    entropy: torch.Tensor
-    future_value: torch.Tensor
 
 
 @dataclass
@@ -309,7 +292,7 @@ class Trainer:
                 plan = self.plan_branches(initial, scored, len(prompts))
                 branches = self.engine.branch(
                     initial,
-                    plan.points,
+                    plan.points(),
                     self.generator,
                     keep_selected_token=cfg.keep_selected_token,
                 )
@@ -347,7 +330,7 @@ class Trainer:
         )
         record = StepRecord(list(tasks), rollouts, rewards, omega=omega)
         if plan is not None:
-            record.branch_points = plan.points
+            record.branch_points = plan.points()
             record.entropy, record.future_value = plan.entropy.cpu(), plan.future_value.cpu()
             record.score = plan.score.cpu()
         return metrics, record
@@ -359,42 +342,31 @@ class Trainer:
         stats = policy_token_stats(self.model, batch)
         return Scored(batch, stats.logprob, stats.entropy)
 
-    def branch_candidates(self, batch: RolloutBatch, rollouts: Sequence[Rollout]) -> torch.Tensor:
+    def branch_candidates(self, batch: RolloutBatch) -> torch.Tensor:
         """[R, T] bool: sampled tokens that are not whitespace-only (never prompt, observation or
-        padding); with ``keep_selected_token``, not a rollout's last token either (keeping it
-        would leave nothing to re-sample)."""
-        candidates = batch.policy_mask & ~self.whitespace[batch.tokens.clamp_min(0)]
-        if self.config.keep_selected_token:
-            last = torch.tensor([len(r.tokens) - 1 for r in rollouts], device=self.device)
-            candidates[torch.arange(len(rollouts), device=self.device), last.clamp_min(0)] = False
-        return candidates
+        padding); with ``keep_selected_token``, not a rollout's last sampled token either."""
+        return branch_candidates(
+            batch.policy_mask,
+            batch.tokens,
+            blank_tokens=self.whitespace,
+            keep_selected_token=self.config.keep_selected_token,
+        )
 
     def plan_branches(self, initial: list[Rollout], scored: Scored, groups: int) -> BranchPlan:
-        """Branching scores of the initial rollouts and ``b`` branch points per prompt group:
+        """``b`` branch points per prompt group by the algorithm's rule (``appo.branching``):
         APPO ranks by ``z(H) · z(Ω)`` (preferred: both > 0), entropy-only by ``z(H)``."""
         batch = scored.batch
-        bs = branching_score_from_stats(
-            scored.entropy, scored.logprob, batch.behavior_logprob, batch.policy_mask
-        )
-        if self.config.algo == "appo":
-            score, preferred = bs.score, (bs.z_entropy > 0) & (bs.z_future > 0)
-        else:
-            score = torch.where(batch.policy_mask, bs.z_entropy, float("-inf"))
-            preferred = None
-        points = select_branch_points(
-            score,
-            self.branch_candidates(batch, initial),
-            torch.tensor([r.group for r in initial], device=self.device),
-            self.config.b,
-            preferred=preferred,
+        return plan_branches(
+            self.config.algo,
+            entropy=scored.entropy,
+            logprob=scored.logprob,
+            behavior_logprob=batch.behavior_logprob,
+            mask=batch.policy_mask,
+            candidates=self.branch_candidates(batch),
+            group_ids=torch.tensor([r.group for r in initial], device=self.device),
+            budget=self.config.b,
             num_groups=groups,
         )
-        pairs = [
-            (r, t)
-            for r, t in zip(points.rows.flatten().tolist(), points.positions.flatten().tolist())
-            if r >= 0
-        ]
-        return BranchPlan(pairs, score, bs.entropy, bs.future_value)
 
     def advantages(self, rollouts: list[Rollout], rewards: list[float]) -> torch.Tensor:
         """Procedure-level token advantages ``[R, T]`` of every rollout (docs/design.md, 8)."""

@@ -120,7 +120,7 @@ def test_tool_output_is_masked_from_loss_and_candidates(tiny):
     assert (batch.tokens[1, len(short.tokens) :] == IGNORE_INDEX).all()
     assert torch.equal(batch.behavior_logprob[0, :n][obs], torch.zeros(int(obs.sum())))
 
-    candidates = trainer.branch_candidates(batch, [rollout, short])
+    candidates = trainer.branch_candidates(batch)
     whitespace = torch.tensor([not tokenizer.decode([t]).strip() for t in rollout.tokens])
     assert torch.equal(candidates[0, :n], ~obs & ~whitespace)
     assert not candidates[1, len(short.tokens) :].any()

@@ -50,8 +50,9 @@ import torch
 
 import appo_kernels
 from appo.advantages import procedure_advantages
+from appo.branching import branch_candidates, plan_branches
 from appo.loss import future_likelihood_scale, ppo_token_loss
-from appo_kernels import branching_score_from_stats, select_branch_points, token_stats
+from appo_kernels import token_stats
 from appo_kernels.validation import check_count
 
 UID_TAG = "#appo:"
@@ -455,30 +456,30 @@ def select_branches(
     names, group_ids = np.unique(np.array(group_uids, dtype=object), return_inverse=True)
     device = responses.device
 
-    candidates = response_mask.clone()
+    blank = None
     if exclude_token_ids is not None:
-        excluded = torch.as_tensor(exclude_token_ids, dtype=responses.dtype, device=device)
-        candidates &= ~torch.isin(responses, excluded)
-    rows = torch.arange(responses.shape[0], device=device)
-    if keep_selected_token:
-        positions = torch.arange(responses.shape[1], device=device)
-        last = torch.where(response_mask, positions, -1).amax(dim=1)
-        candidates[rows, last.clamp_min(0)] &= last < 0
-
-    bs = branching_score_from_stats(
-        entropy, log_prob, rollout_log_prob, response_mask, gamma=gamma, clip=clip
-    )
-    points = select_branch_points(
-        bs.score,
-        candidates,
-        torch.as_tensor(group_ids, device=device),
-        budget,
-        preferred=(bs.z_entropy > 0) & (bs.z_future > 0),
+        excluded = torch.as_tensor(exclude_token_ids, dtype=torch.int64, device=device).flatten()
+        size = int(excluded.max()) + 1 if excluded.numel() else 0
+        blank = torch.zeros(size, dtype=torch.bool, device=device).index_fill_(0, excluded, True)
+    plan = plan_branches(
+        "appo",
+        entropy=entropy,
+        logprob=log_prob,
+        behavior_logprob=rollout_log_prob,
+        mask=response_mask,
+        candidates=branch_candidates(
+            response_mask,
+            responses,
+            blank_tokens=blank,
+            keep_selected_token=keep_selected_token,
+        ),
+        group_ids=torch.as_tensor(group_ids, device=device),
+        budget=budget,
         num_groups=len(names),
+        gamma=gamma,
+        clip=clip,
     )
-    chosen = points.rows.flatten() >= 0
-    parent = points.rows.flatten()[chosen]
-    position = points.positions.flatten()[chosen]
+    parent, position = plan.rows, plan.positions
     split = position + int(keep_selected_token)
 
     prompt_width = prompts.shape[1]
@@ -494,7 +495,7 @@ def select_branches(
         parent=parent,
         position=position,
         split=split,
-        score=points.scores.flatten()[chosen],
+        score=plan.scores,
         prefix_ids=prefix_ids,
         prefix_response_mask=prefix_mask,
         prefix_rollout_log_probs=prefix_log_probs,
