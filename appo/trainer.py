@@ -93,6 +93,7 @@ class Scored:
     batch: RolloutBatch
     logprob: torch.Tensor  # [R, T]
     entropy: torch.Tensor  # [R, T]
+    kl_to_start: float | None = None  # mean k3 KL(π_old ‖ reference) over the sampled tokens
 
 
 @dataclass
@@ -144,7 +145,9 @@ def omega_diagnostics(
 class Trainer:
     """Owns the policy, its optimizer, the behaviour policy with its paged-cache LM, and the
     rollout engines. ``max_concurrent``: rollouts greedy evaluation runs at once (the KV pool
-    holds that many, or one step's rollouts if more)."""
+    holds that many, or one step's rollouts if more). ``track_kl``: keep a frozen copy of the
+    policy as it starts RL (after :meth:`cold_start`) and log each step's KL to it
+    (``kl_to_start``); ``kl_coef > 0`` keeps that copy anyway, as the KL penalty's reference."""
 
     def __init__(
         self,
@@ -154,6 +157,7 @@ class Trainer:
         *,
         reward_fn: Callable[[Task, str], float] = reward,
         max_concurrent: int = 16,
+        track_kl: bool = False,
     ):
         check_policy_model(model)
         self.model, self.tokenizer, self.config = model, tokenizer, config
@@ -164,7 +168,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             model.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
-        self.reference = copy.deepcopy(model).requires_grad_(False) if config.kl_coef > 0 else None
+        keep_reference = config.kl_coef > 0 or track_kl
+        self.reference = copy.deepcopy(model).requires_grad_(False) if keep_reference else None
         self.sampler = SamplerPolicy(
             model, SAMPLER_DTYPES[config.sampler_dtype], config.sampler_lag
         )
@@ -222,7 +227,7 @@ class Trainer:
     def cold_start(self, tasks: Sequence[Task], steps: int, progress=None) -> list[float]:
         """Supervised fine-tune on demonstrations (loss on the policy's tokens only; observation
         tokens excluded, as in RL). Returns the loss of each step. The sampler starts from the
-        fine-tuned weights."""
+        fine-tuned weights, and so does the KL reference (if the trainer keeps one)."""
         check_count("steps", steps)
         if steps and not tasks:
             raise ValueError("tasks must hold at least one task for a cold start, got none")
@@ -249,13 +254,15 @@ class Trainer:
                 progress.update(1)
         optimizer.zero_grad(set_to_none=True)
         self.sampler.reset()
+        if self.reference is not None:  # RL's reference is the fine-tuned policy
+            self.reference.load_state_dict(self.model.state_dict())
         return losses
 
     @torch.no_grad()
     def evaluate(self, tasks: Sequence[Task]) -> dict[str, float]:
         """Greedy decoding with the tool loop (the policy's present weights, at the sampler's
         precision), ``max_concurrent`` rollouts at a time: accuracy (mean reward), tool calls
-        and tokens per rollout."""
+        and tokens per rollout, and the number of questions."""
         self.sampler.use_current()
         rewards, calls, tokens, batch_size = [], [], [], self.max_concurrent
         for start in range(0, len(tasks), batch_size):
@@ -271,6 +278,7 @@ class Trainer:
             "accuracy": sum(rewards) / count,
             "tool_calls": sum(calls) / count,
             "tokens": sum(tokens) / count,
+            "questions": len(rewards),
         }
 
     # ------------------------------------------------------------------------------------------
@@ -315,6 +323,8 @@ class Trainer:
         )
         mask = scored.batch.policy_mask
         n_init = len(initial)
+        if scored.kl_to_start is not None:
+            metrics["kl_to_start"] = scored.kl_to_start
         metrics.update(
             entropy=float(torch.where(mask, scored.entropy, 0.0).sum() / mask.sum().clamp_min(1)),
             **omega,
@@ -336,11 +346,19 @@ class Trainer:
         return metrics, record
 
     @torch.no_grad()
-    def score(self, rollouts: Sequence[Rollout]) -> Scored:
-        """The trainer policy's log-probs (``π_old``) and entropies over ``rollouts``."""
+    def score(self, rollouts: Sequence[Rollout], *, with_kl: bool = True) -> Scored:
+        """The trainer policy's log-probs (``π_old``) and entropies over ``rollouts``; with a
+        reference copy (and ``with_kl``), also the mean k3 estimate of KL(π_old ‖ reference)
+        over the sampled tokens (the rollouts come from the behaviour policy, ≈ π_old)."""
         batch = self.batch(rollouts)
         stats = policy_token_stats(self.model, batch)
-        return Scored(batch, stats.logprob, stats.entropy)
+        kl = None
+        if with_kl and self.reference is not None:
+            log_ratio = policy_token_stats(self.reference, batch).logprob - stats.logprob
+            k3 = log_ratio.exp() - log_ratio - 1
+            mask = batch.policy_mask
+            kl = float(torch.where(mask, k3, 0.0).sum() / mask.sum().clamp_min(1))
+        return Scored(batch, stats.logprob, stats.entropy, kl)
 
     def branch_candidates(self, batch: RolloutBatch) -> torch.Tensor:
         """[R, T] bool: sampled tokens that are not whitespace-only (never prompt, observation or
@@ -366,6 +384,8 @@ class Trainer:
             group_ids=torch.tensor([r.group for r in initial], device=self.device),
             budget=self.config.b,
             num_groups=groups,
+            observation_mask=batch.observation_mask,
+            generator=self.generator,
         )
 
     def advantages(self, rollouts: list[Rollout], rewards: list[float]) -> torch.Tensor:
@@ -387,7 +407,7 @@ class Trainer:
         (the same weights), then the trained branches', scored now."""
         if not trained_branches:
             return scored.logprob
-        extra = self.score(trained_branches).logprob
+        extra = self.score(trained_branches, with_kl=False).logprob
         width = max(scored.logprob.shape[1], extra.shape[1])
         pad = torch.nn.functional.pad
         return torch.cat(
@@ -404,7 +424,7 @@ class Trainer:
         steps = []
         rows = list(range(len(rollouts)))
         for chunk in split_evenly(rows, self.config.ppo_minibatches):
-            if not advantages[chunk].any() and self.reference is None:
+            if not advantages[chunk].any() and self.config.kl_coef == 0:
                 continue
             batch = self.batch([rollouts[i] for i in chunk])
             length = batch.tokens.shape[1]
@@ -424,7 +444,7 @@ class Trainer:
         mask = batch.policy_mask
         logprob = policy_token_stats(self.model, batch).logprob
         ref_logprob = None
-        if self.reference is not None:
+        if cfg.kl_coef > 0:
             with torch.no_grad():
                 ref_logprob = policy_token_stats(self.reference, batch).logprob
         scaled = future_likelihood_scale(advantages, logprob, old_logprob, mask)

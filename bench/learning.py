@@ -1,12 +1,13 @@
-"""Does branching help? APPO vs GRPO vs entropy-only branching at the same rollout-token budget.
+"""Does branching help? APPO against GRPO, ARPO's branch rule, entropy-only and random branch
+points, at the same rollout-token budget.
 
 For each seed the model is first taught the task's format by a cold start (supervised steps on
 demonstrations), once; then each algorithm trains its own copy of that checkpoint on the same
 stream of training questions until it has generated ``budget`` policy tokens (a branch counts
 only the tokens it samples itself: its shared prefix is free, which is APPO's point), and the
 greedy held-out accuracy is measured at ``evals`` evenly spaced token counts. Writes a PNG
-(accuracy against policy tokens, mean ± std over seeds), a markdown table and the raw numbers
-as JSON.
+(accuracy against policy tokens: mean over seeds with its 95% t-interval as a band), a markdown
+table (mean ± the interval's half-width) and the raw numbers as JSON.
 
 Settings:
 
@@ -22,6 +23,8 @@ Settings:
   partial accuracy (20-35% held-out), which leaves RL room in both directions. What it cannot
   show is behaviour that needs a pretrained LM's prior (e.g. long reasoning). About 12 minutes
   on an idle 2-core CPU: ``python bench/learning.py --setting cpu``.
+* ``cpu-wide``: the same with room to branch: 4 prompts x (8 + 4) rollouts per step (the
+  paper's N = 8 initial rollouts), the same token budget.
 * ``gpu``: SmolLM2-135M-Instruct (the default model of ``appo-train``), 32 cold-start steps,
   4 prompts x (8 + 4) rollouts per step, 128 new tokens: ``python bench/learning.py --setting gpu``
   on a GPU machine.
@@ -84,6 +87,19 @@ SETTINGS = {
         eval_prompts=96,
         train=dict(
             prompts_per_step=4, n=4, b=2, lr=1e-4, max_new_tokens=48, sampler_dtype="bfloat16"
+        ),
+    ),
+    "cpu-wide": Setting(
+        model="task-llama",
+        cold_start_steps=1000,
+        cold_start_lr=2e-3,
+        cold_start_batch=8,
+        cold_start_target=0.3,
+        budget=64_000,
+        evals=8,
+        eval_prompts=96,
+        train=dict(
+            prompts_per_step=4, n=8, b=4, lr=1e-4, max_new_tokens=48, sampler_dtype="bfloat16"
         ),
     ),
     "gpu": Setting(
@@ -246,13 +262,20 @@ def compare(setting: Setting, seeds, algos, device, progress=print) -> list[dict
     return runs
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """Mean of ``values`` and the half-width of its 95% t-interval (0 for a single value)."""
     mean = sum(values) / len(values)
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+    if len(values) < 2:
+        return mean, 0.0
+    sample_var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, T_95.get(len(values) - 1, 1.96) * math.sqrt(sample_var / len(values))
 
 
 def summarise(runs: list[dict]) -> dict[str, dict]:
-    """Per algorithm: accuracy mean ± std (population, over seeds) at each evaluation point, and
+    """Per algorithm: accuracy mean and 95% half-width (over seeds) at each evaluation point, and
     the run-level numbers of the table."""
     table = {}
     for algo in dict.fromkeys(run["algo"] for run in runs):
@@ -260,19 +283,21 @@ def summarise(runs: list[dict]) -> dict[str, dict]:
         points = min(len(run["curve"]) for run in mine)
         curve = [
             {
-                "tokens": _mean_std([run["curve"][i]["tokens"] for run in mine])[0],
-                "accuracy": _mean_std([run["curve"][i]["accuracy"] for run in mine]),
+                "tokens": interval([run["curve"][i]["tokens"] for run in mine])[0],
+                "accuracy": interval([run["curve"][i]["accuracy"] for run in mine]),
             }
             for i in range(points)
         ]
+        final = [run["curve"][points - 1]["accuracy"] for run in mine]
         table[algo] = {
             "seeds": len(mine),
             "curve": curve,
-            "final": _mean_std([run["curve"][points - 1]["accuracy"] for run in mine]),
-            "train_tool_calls": _mean_std([run["train_tool_calls"] for run in mine]),
-            "eval_tool_calls": _mean_std([run["curve"][points - 1]["tool_calls"] for run in mine]),
-            "rl_steps": _mean_std([run["rl_steps"] for run in mine])[0],
-            "wall_s": _mean_std([run["wall_s"] for run in mine])[0],
+            "final": interval(final),
+            "gain": interval([f - run["curve"][0]["accuracy"] for f, run in zip(final, mine)]),
+            "train_tool_calls": interval([run["train_tool_calls"] for run in mine]),
+            "eval_tool_calls": interval([run["curve"][points - 1]["tool_calls"] for run in mine]),
+            "rl_steps": interval([run["rl_steps"] for run in mine])[0],
+            "wall_s": interval([run["wall_s"] for run in mine])[0],
         }
     return table
 
@@ -286,17 +311,19 @@ def markdown(setting_name: str, setting: Setting, table: dict, header: list[str]
         "",
         *header,
         "",
-        "| algorithm | seeds | held-out accuracy at 0 tokens | at the budget | tool calls per "
-        "training rollout | held-out tool calls | RL steps | wall s per run |",
-        "|---|---|---|---|---|---|---|---|",
+        "Mean over seeds ± the half-width of the 95% t-interval.",
+        "",
+        "| algorithm | seeds | held-out accuracy at 0 tokens | at the budget | gain | tool calls "
+        "per training rollout | held-out tool calls | RL steps | wall s per run |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for algo, row in table.items():
         lines.append(
             f"| {algo} | {row['seeds']} | {pm(row['curve'][0]['accuracy'])} | {pm(row['final'])} "
-            f"| {pm(row['train_tool_calls'], 2)} | {pm(row['eval_tool_calls'], 2)} "
-            f"| {row['rl_steps']:.1f} | {row['wall_s']:.0f} |"
+            f"| {pm(row['gain'])} | {pm(row['train_tool_calls'], 2)} "
+            f"| {pm(row['eval_tool_calls'], 2)} | {row['rl_steps']:.1f} | {row['wall_s']:.0f} |"
         )
-    lines += ["", "Accuracy (mean ± std over seeds) at each evaluation point:", ""]
+    lines += ["", "Accuracy (mean ± 95% half-width over seeds) at each evaluation point:", ""]
     points = max(len(row["curve"]) for row in table.values())
     lines.append("| algorithm | " + " | ".join(f"eval {i}" for i in range(points)) + " |")
     lines.append("|---|" + "---|" * points)
@@ -316,13 +343,13 @@ def plot(table: dict, path: Path, title: str) -> None:
     for algo, row in table.items():
         x = [p["tokens"] for p in row["curve"]]
         mean = [p["accuracy"][0] for p in row["curve"]]
-        std = [p["accuracy"][1] for p in row["curve"]]
+        half = [p["accuracy"][1] for p in row["curve"]]
         axis.plot(x, mean, marker="o", label=f"{algo} ({row['seeds']} seeds)")
         axis.fill_between(
-            x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2
+            x, [m - h for m, h in zip(mean, half)], [m + h for m, h in zip(mean, half)], alpha=0.15
         )
     axis.set_xlabel("policy tokens generated")
-    axis.set_ylabel("held-out accuracy (greedy)")
+    axis.set_ylabel("held-out accuracy (greedy; band: 95% interval over seeds)")
     axis.set_title(title)
     axis.legend()
     fig.tight_layout()
@@ -333,7 +360,7 @@ def plot(table: dict, path: Path, title: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--setting", choices=tuple(SETTINGS), default="cpu")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1")
+    parser.add_argument("--seeds", type=int, default=5, help="seeds 0 .. N-1")
     parser.add_argument("--algos", default=",".join(ALGOS), help="comma-separated")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")

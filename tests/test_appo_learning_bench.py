@@ -45,7 +45,7 @@ def test_learning_bench_end_to_end(bench, tmp_path, capsys):
     assert table in capsys.readouterr().out
 
 
-def test_summary_is_mean_and_population_std_over_seeds(bench):
+def test_summary_is_the_mean_and_95_percent_t_interval_over_seeds(bench):
     def run(seed, accuracy):
         curve = [
             {"tokens": 0, "accuracy": 0.25, "tool_calls": 1.0},
@@ -61,8 +61,10 @@ def test_summary_is_mean_and_population_std_over_seeds(bench):
         }
 
     table = bench.summarise([run(0, 0.5), run(1, 0.7)])["grpo"]
-    assert table["final"] == pytest.approx((0.6, 0.1))
-    assert table["eval_tool_calls"] == pytest.approx((2.5, 0.5))
+    # two seeds: sample std 0.1 * sqrt(2), t(0.975, 1 dof) = 12.706, half-width t * s / sqrt(2)
+    assert table["final"] == pytest.approx((0.6, 12.706 * 0.1))
+    assert table["gain"] == pytest.approx((0.35, 12.706 * 0.1))
+    assert table["eval_tool_calls"] == pytest.approx((2.5, 12.706 * 0.5))
     assert table["curve"][1]["tokens"] == pytest.approx(100.5)
 
 

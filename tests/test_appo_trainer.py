@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_appo_loss import reference_loss, reference_scale
 
-from appo.config import TrainConfig
+from appo.config import ALGOS, TrainConfig
 from appo.model import char_tokenizer, prompt_ids, tiny_model
 from appo.rollout import Rollout, RolloutBatch
 from appo.sampler import SamplerPolicy
@@ -18,17 +18,31 @@ from appo.trainer import Trainer, policy_token_stats, split_evenly
 from appo_kernels import token_stats
 
 
-def _parity_reward(task, text):
-    """A reward that varies across random rollouts, so that advantages are non-zero."""
-    return float(len(text) % 2)
-
-
 def _text_reward(task, text):
     """A reward that varies across random rollouts of equal length too."""
     return float(sum(map(ord, text)) % 5)
 
 
-@pytest.mark.parametrize("algo", ["appo", "grpo", "entropy"])
+FORCED_CALL = "<calc>2</calc>"  # every rollout opens with this call; the rest is sampled
+
+
+def force_first_call(tokenizer):
+    """A logits processor that makes each rollout write ``FORCED_CALL`` first (character
+    tokenizer: one token per character), so that every rollout has a tool result to branch
+    after."""
+    forced = tokenizer.encode(FORCED_CALL, add_special_tokens=False)
+
+    def processor(logits, rollouts):
+        for row, rollout in enumerate(rollouts):
+            if rollout.tool_calls == 0 and len(rollout.tokens) < len(forced):
+                logits[row] = float("-inf")
+                logits[row, forced[len(rollout.tokens)]] = 0.0
+        return logits
+
+    return processor
+
+
+@pytest.mark.parametrize("algo", ALGOS)
 def test_training_steps_update_the_policy(algo):
     model, tokenizer = tiny_model(seed=1)
     config = TrainConfig(
@@ -36,32 +50,45 @@ def test_training_steps_update_the_policy(algo):
         prompts_per_step=2,
         n=3,
         b=2,
-        max_new_tokens=12,
+        max_new_tokens=24,
         lr=1e-3,
         weight_decay=0.0,
         seed=3,
     )
-    trainer = Trainer(model, tokenizer, config, reward_fn=_parity_reward, max_concurrent=4)
+    trainer = Trainer(
+        model, tokenizer, config, reward_fn=_text_reward, max_concurrent=4, track_kl=True
+    )
+    trainer.engine.logits_processor = force_first_call(tokenizer)
     before = [p.detach().clone() for p in model.parameters()]
     tasks = make_tasks(0, 4)
-    updated = 0
+    updated, kl = 0, []
     for step in range(2):
         metrics, record = trainer.step(tasks[2 * step : 2 * step + 2])
         assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["entropy"])
         updated += metrics["updated"]
+        kl.append(metrics["kl_to_start"])
         initial = [r for r in record.rollouts if not r.is_branch]
         assert len(initial) == 2 * (config.n + config.b if algo == "grpo" else config.n)
+        assert all(r.tool_calls >= 1 for r in initial)
         if algo == "grpo":
             assert metrics["branches"] == 0
-        else:
-            assert metrics["branches"] == 2 * config.b
-            assert metrics["fork_reused_tokens"] > 0
-            assert all(
-                record.rollouts[r.parent].group == r.group for r in record.rollouts if r.is_branch
-            )
+            continue
+        assert metrics["branches"] == 2 * config.b
+        assert metrics["fork_reused_tokens"] > 0
+        branches = [r for r in record.rollouts if r.is_branch]
+        assert all(record.rollouts[r.parent].group == r.group for r in branches)
+        assert all(r.point > 0 for r in branches)  # never the response's first token
+        if algo == "arpo":  # the first non-blank sampled token after the call's result
+            for r in branches:
+                parent, before_point = record.rollouts[r.parent], r.point - 1
+                while not parent.is_observation[before_point]:
+                    assert not tokenizer.decode([parent.tokens[before_point]]).strip()
+                    before_point -= 1
+                assert not parent.is_observation[r.point]
     assert trainer.lm.cache.num_free_blocks == trainer.lm.cache.num_blocks  # everything released
     assert updated > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert kl[0] == pytest.approx(0.0, abs=1e-6) and kl[1] > 0  # the policy moved from its start
 
 
 def test_split_evenly():
