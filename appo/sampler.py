@@ -5,12 +5,16 @@ that sampled (docs/design.md, section 5). If both are the same fp32 weights, Ω 
 rounding and the branching score is z(H) times noise. Production samplers differ from the
 trainer in two ways, and both are available here:
 
-* **reduced precision** (``dtype``): the sampler holds a bfloat16 copy of the weights, as an
-  inference engine does while the trainer keeps fp32 (SmolLM2: logits differ by up to ~0.3);
+* **reduced precision**: the sampler holds a copy of the weights rounded to bfloat16, as an
+  inference engine does while the trainer keeps fp32 (SmolLM2: logits differ by up to ~0.3).
+  ``"bfloat16"`` also computes in bf16 (weights, activations and KV cache); ``"bfloat16-weights"``
+  rounds the weights to bf16 but keeps them, and the compute, in float32: the weights' rounding at
+  float32 speed, for CPUs without native bf16 matrix units (where bf16 matmuls run several times
+  slower than fp32; docs/design.md, section 16);
 * **lag** (``lag = k``): rollouts of training step ``s`` are sampled with the weights of step
   ``max(s - k, 0)``, as in asynchronous (off-policy by ``k``) rollouts.
 
-With ``dtype`` equal to the policy's and ``lag = 0`` the sampler *is* the policy (no copy).
+With float32 and ``lag = 0`` the sampler *is* the policy (no copy).
 """
 
 from __future__ import annotations
@@ -20,22 +24,38 @@ from collections import deque
 
 import torch
 
-SAMPLER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# name -> (dtype the sampler's weights are stored and computed in, dtype they are rounded to)
+SAMPLER_DTYPES: dict[str, tuple[torch.dtype, torch.dtype | None]] = {
+    "float32": (torch.float32, None),
+    "bfloat16": (torch.bfloat16, None),
+    "bfloat16-weights": (torch.float32, torch.bfloat16),
+}
 
 
 class SamplerPolicy:
-    """A copy of ``policy`` in ``dtype`` whose weights trail the policy's by ``lag`` versions.
+    """A copy of ``policy`` in ``dtype`` (its behaviour weights rounded through ``rounding``
+    when given) whose weights trail the policy's by ``lag`` versions.
 
     A version is the policy's weights at the start of a training step. The trainer calls
     :meth:`before_update` once per step before its first optimizer step, and
     :meth:`use_behaviour` before sampling a step's rollouts; :meth:`use_current` loads the
-    policy's present weights (greedy evaluation), :meth:`reset` forgets older versions (after a
-    cold start). Only floating parameters are cast: buffers (rotary frequencies) keep their dtype.
+    policy's present weights, unrounded (greedy evaluation; in ``dtype``), :meth:`reset` forgets
+    older versions (after a cold start). Only floating parameters are cast: buffers (rotary
+    frequencies) keep their dtype.
     """
 
-    def __init__(self, policy: torch.nn.Module, dtype: torch.dtype, lag: int):
-        self.policy, self.lag = policy, lag
-        self.shares_weights = lag == 0 and all(p.dtype == dtype for p in policy.parameters())
+    def __init__(
+        self,
+        policy: torch.nn.Module,
+        dtype: torch.dtype,
+        lag: int,
+        *,
+        rounding: torch.dtype | None = None,
+    ):
+        self.policy, self.lag, self.rounding = policy, lag, rounding
+        self.shares_weights = (
+            lag == 0 and rounding is None and all(p.dtype == dtype for p in policy.parameters())
+        )
         if self.shares_weights:
             self.model = policy
         else:
@@ -53,19 +73,26 @@ class SamplerPolicy:
         """Keeps the policy's present weights as a version (nothing when ``lag == 0``)."""
         if self.lag:
             self._versions.append(
-                [p.detach().to(self.dtype, copy=True) for p in self.policy.parameters()]
+                [
+                    p.detach().to(self.rounding or self.dtype, copy=True)
+                    for p in self.policy.parameters()
+                ]
             )
 
     def use_behaviour(self) -> None:
-        """Loads the weights rollouts sample with: ``lag`` versions back (or the oldest kept)."""
-        self._load(self._versions[0] if self._versions else list(self.policy.parameters()))
+        """Loads the weights rollouts sample with: ``lag`` versions back (or the oldest kept),
+        rounded through ``rounding``."""
+        self._load(
+            self._versions[0] if self._versions else list(self.policy.parameters()),
+            self.rounding,
+        )
 
     def use_current(self) -> None:
-        self._load(list(self.policy.parameters()))
+        self._load(list(self.policy.parameters()), None)
 
     @torch.no_grad()
-    def _load(self, weights: list[torch.Tensor]) -> None:
+    def _load(self, weights: list[torch.Tensor], rounding: torch.dtype | None) -> None:
         if self.shares_weights:
             return
         for target, source in zip(self.model.parameters(), weights, strict=True):
-            target.copy_(source)
+            target.copy_(source if rounding is None else source.to(rounding))

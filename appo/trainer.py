@@ -170,9 +170,8 @@ class Trainer:
         )
         keep_reference = config.kl_coef > 0 or track_kl
         self.reference = copy.deepcopy(model).requires_grad_(False) if keep_reference else None
-        self.sampler = SamplerPolicy(
-            model, SAMPLER_DTYPES[config.sampler_dtype], config.sampler_lag
-        )
+        dtype, rounding = SAMPLER_DTYPES[config.sampler_dtype]
+        self.sampler = SamplerPolicy(model, dtype, config.sampler_lag, rounding=rounding)
 
         per_step = config.prompts_per_step * (config.n + config.b)
         sequence_tokens = (

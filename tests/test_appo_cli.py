@@ -48,18 +48,45 @@ def _args(model_dir, out, *extra):
     ]
 
 
-def test_cli_writes_run_folder(model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("algo", ["appo", "arpo", "random"])
+def test_cli_writes_run_folder(algo, model_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(_args(model_dir, out)) == 0
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in lines] == [0, 1]
+    argv = _args(model_dir, out, "--algo", algo, "--steps", "3", "--eval-every", "2")
+    assert main(argv + ["--eval-raw"]) == 0
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [0, 1, 2]
+    assert all(m["kl_to_start"] >= 0 for m in metrics)
+    evaluations = [json.loads(line) for line in (out / "heldout.jsonl").read_text().splitlines()]
+    assert [e["steps_done"] for e in evaluations] == [0, 2, 3]  # before RL, every 2, the end
+    assert all(e["questions"] == 2 for e in evaluations)
     assert (out / "reward_entropy.png").read_bytes()[:4] == b"\x89PNG"
     trace = (out / "trace.md").read_text()
-    assert "Rollout tree" in trace and "| branch | position | token | H | Ω | score |" in trace
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["branches"] == 2 and summary["fork_reused_prefix_tokens"] > 0
-    assert "interrupted_after_steps" not in summary
-    assert "heldout_accuracy_after_rl" in capsys.readouterr().out
+    before, after = evaluations[0]["accuracy"], evaluations[-1]["accuracy"]
+    assert summary["heldout_accuracy_before_after"] == f"{before:.3f} -> {after:.3f} (2 questions)"
+    assert "heldout_accuracy_raw" in summary and "interrupted_after_steps" not in summary
+    if algo != "arpo":  # arpo branches only after tool results, which this tiny model rarely writes
+        assert summary["branches"] == 3 and summary["fork_reused_prefix_tokens"] > 0
+        assert "| branch | position | token | H | Ω | score |" in trace
+    assert "Rollout tree" in trace
+    assert "heldout_accuracy_before_after" in capsys.readouterr().out
+
+
+def test_trace_is_of_the_latest_step_with_a_branch_past_the_first_token(tmp_path):
+    from appo.cli import _Run
+    from appo.trainer import StepRecord
+
+    run = _Run(None, None, None, {}, 0.0)
+    records = [StepRecord([], [], [], branch_points=points) for points in ([(0, 3)], [], [(1, 2)])]
+    for step, record in enumerate(records):
+        run.keep_record(record, step)
+    assert run.record is records[2] and run.record_step == 2
+    run.keep_record(StepRecord([], [], [], branch_points=[]), 3)  # none past the start: kept 2
+    assert run.record is records[2]
+    first = _Run(None, None, None, {}, 0.0)
+    first.keep_record(StepRecord([], [], [], branch_points=[]), 0)
+    first.keep_record(StepRecord([], [], [], branch_points=[]), 1)
+    assert first.record_step == 1  # the latest while no step has one
 
 
 def _bad_arguments(tmp_path, model_dir):

@@ -150,11 +150,14 @@ def test_minibatch_ppo_matches_float64_loop_reference():
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype, lag", [("float32", 0), ("bfloat16", 0), ("float32", 1)])
+@pytest.mark.parametrize(
+    "dtype, lag",
+    [("float32", 0), ("bfloat16", 0), ("bfloat16-weights", 0), ("float32", 1)],
+)
 def test_behaviour_policy_precision_or_lag_gives_omega_signal(dtype, lag):
     """Ω compares the trainer's log-probs with the sampler's: 1 everywhere when they share fp32
-    weights; not 1 with a bf16 sampler, or from the second step on with a sampler one update
-    behind."""
+    weights; not 1 with bf16 (or bf16-rounded) sampler weights, or from the second step on with a
+    sampler one update behind."""
     model, tokenizer = tiny_model(seed=1)
     config = TrainConfig(
         n=3, b=1, max_new_tokens=12, lr=1e-2, sampler_dtype=dtype, sampler_lag=lag, seed=3
@@ -173,6 +176,7 @@ def test_behaviour_policy_precision_or_lag_gives_omega_signal(dtype, lag):
     expected = {
         ("float32", 0): [False, False],
         ("bfloat16", 0): [True, True],
+        ("bfloat16-weights", 0): [True, True],
         ("float32", 1): [False, True],
     }[(dtype, lag)]
     assert [value > 1e-4 for value in signal] == expected, signal
@@ -197,6 +201,21 @@ def test_sampler_policy_casts_parameters_and_lags_by_versions():
     assert seen == [0.0, 0.0, 0.0, 1.0, 2.0]
     sampler.use_current()
     assert float(sampler.model.get_output_embeddings().weight[0, 0]) == 4.0
+
+
+def test_bf16_weight_rounding_keeps_float32_compute_and_evaluates_unrounded():
+    model, _ = tiny_model(seed=0)
+    sampler = SamplerPolicy(model, torch.float32, 0, rounding=torch.bfloat16)
+    assert sampler.model is not model
+    assert all(p.dtype == torch.float32 for p in sampler.model.parameters())
+    sampler.use_behaviour()
+    for behaviour, policy in zip(sampler.model.parameters(), model.parameters()):
+        assert torch.equal(behaviour, policy.to(torch.bfloat16).float())
+    assert any(
+        not torch.equal(b, p) for b, p in zip(sampler.model.parameters(), model.parameters())
+    )
+    sampler.use_current()
+    assert all(torch.equal(b, p) for b, p in zip(sampler.model.parameters(), model.parameters()))
 
 
 def _qwen2_tiny():
