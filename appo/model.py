@@ -145,3 +145,12 @@ def stop_token_ids(tokenizer) -> set[int]:
     if end_of_turn is not None:
         ids.add(end_of_turn)
     return ids
+
+
+def blank_token_table(tokenizer, vocab_size: int):
+    """``[vocab_size]`` bool: True for the ids that decode to whitespace only (or to nothing), and
+    for ids past the tokenizer's end -- tokens a branch never starts at
+    (``appo.branching.branch_candidates``' ``blank_tokens``)."""
+    texts = tokenizer.batch_decode([[i] for i in range(min(vocab_size, len(tokenizer)))])
+    blank = [not text.strip() for text in texts] + [True] * (vocab_size - len(texts))
+    return torch.tensor(blank)

@@ -35,7 +35,7 @@ from appo.advantages import procedure_advantages
 from appo.branching import BranchPlan, branch_candidates, plan_branches
 from appo.config import TrainConfig
 from appo.loss import KL_CLAMP, future_likelihood_scale, policy_loss
-from appo.model import prompt_ids
+from appo.model import blank_token_table, prompt_ids
 from appo.rollout import Rollout, RolloutBatch, RolloutConfig, RolloutEngine
 from appo.sampler import SAMPLER_DTYPES, SamplerPolicy
 from appo.tasks import Task, demonstration, reward, system_prompt
@@ -122,22 +122,27 @@ def split_evenly(items: list, parts: int) -> list[list]:
 
 
 def omega_diagnostics(
-    logprob: torch.Tensor, behavior_logprob: torch.Tensor, mask: torch.Tensor
+    logprob: torch.Tensor,
+    behavior_logprob: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    gamma: float = 1.0,
+    clip: float = OMEGA_CLIP,
 ) -> dict[str, float]:
     """How much signal Ω carries over a batch's sampled tokens: the spread (std) of the summed
-    future log-ratio ``G_t = Σ_{k≥t} (logπ − logπ_behaviour)_k``, the mean ``|log-ratio|`` per
-    token, and the fractions of Ω at its lower and upper clip bounds."""
+    future log-ratio ``G_t = Σ_{k≥t} γ^(k−t) (logπ − logπ_behaviour)_k``, the mean
+    ``|log-ratio|`` per token, and the fractions of Ω at its lower and upper clip bounds."""
     valid = mask.bool()
     if not valid.any():
         return {}
     log_ratio = torch.where(valid, logprob - behavior_logprob, 0.0)
-    summed = discounted_future_sum(log_ratio, valid)[valid]
-    omega = future_value(logprob, behavior_logprob, valid, clip=OMEGA_CLIP)[valid]
+    summed = discounted_future_sum(log_ratio, valid, gamma=gamma)[valid]
+    omega = future_value(logprob, behavior_logprob, valid, gamma=gamma, clip=clip)[valid]
     return {
         "omega_logratio_sum_std": float(summed.std(correction=0)),
         "logratio_abs_mean": float(log_ratio[valid].abs().mean()),
-        "omega_at_low": float((omega <= 1.0 - OMEGA_CLIP).float().mean()),
-        "omega_at_high": float((omega >= 1.0 + OMEGA_CLIP).float().mean()),
+        "omega_at_low": float((omega <= 1.0 - clip).float().mean()),
+        "omega_at_high": float((omega >= 1.0 + clip).float().mean()),
     }
 
 
@@ -193,10 +198,7 @@ class Trainer:
         )
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        vocab = model.config.vocab_size
-        texts = tokenizer.batch_decode([[i] for i in range(min(vocab, len(tokenizer)))])
-        blank = [not text.strip() for text in texts] + [True] * (vocab - len(texts))
-        self.whitespace = torch.tensor(blank, device=self.device)
+        self.whitespace = blank_token_table(tokenizer, model.config.vocab_size).to(self.device)
 
     # ------------------------------------------------------------------------------------------
     def prompts(self, tasks: Sequence[Task]) -> list[list[int]]:
