@@ -165,29 +165,29 @@ def looked_up_pear(completions, **_) -> list[float]:
 REWARDS = [answered, looked_up_pear]
 
 
+# the runs' TRL settings (GRPOConfig fields)
+SETTINGS = dict(
+    use_cpu=True,
+    bf16=False,
+    seed=0,
+    max_steps=2,
+    per_device_train_batch_size=4,
+    num_generations=4,
+    max_completion_length=48,
+    max_tool_calling_iterations=3,
+    learning_rate=1e-2,
+    logging_steps=1,
+    report_to="none",
+    save_strategy="no",
+    disable_dropout=True,
+    gradient_checkpointing=False,
+)
+
+
 def config(output_dir: str, **overrides):
     from appo.integrations.trl_appo import APPOConfig
 
-    settings = dict(
-        output_dir=output_dir,
-        use_cpu=True,
-        bf16=False,
-        seed=0,
-        max_steps=2,
-        per_device_train_batch_size=4,
-        num_generations=4,
-        branch_budget=2,
-        max_completion_length=48,
-        max_tool_calling_iterations=3,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        disable_dropout=True,
-        gradient_checkpointing=False,
-    )
-    settings.update(overrides)
-    return APPOConfig(**settings)
+    return APPOConfig(**{**SETTINGS, "output_dir": output_dir, "branch_budget": 2, **overrides})
 
 
 def recording_trainer_class():

@@ -1346,7 +1346,7 @@ def _clamped_reference(reference: torch.Tensor, logps: torch.Tensor) -> torch.Te
     ``ref − logπ`` is the constant ``d*``: k3 equals the clamp and passes no gradient."""
     d = reference - logps.detach()
     over = torch.expm1(d) - d > KL_CLAMP
-    bound = torch.where(d > 0, KL_HIGH, KL_LOW).to(logps.dtype)
+    bound = torch.where(d > 0, d.new_tensor(KL_HIGH), d.new_tensor(KL_LOW))
     return torch.where(over, logps + bound, reference)
 
 
