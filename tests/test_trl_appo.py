@@ -322,6 +322,20 @@ def test_trl_options_train(tmp_path, option):
         assert changed
 
 
+def test_a_float32_sampler_is_the_policy_itself_and_warns(tmp_path):
+    """sampler_dtype equal to the policy's: the paged sampler runs the policy module (with its
+    gradient checkpointing off for generation), and the trainer warns that Ω is 1."""
+    with pytest.warns(UserWarning, match="sampler_dtype='float32'"):
+        trainer = script.trainer(
+            str(tmp_path), sampler_dtype="float32", gradient_checkpointing=True, max_steps=1
+        )
+    trainer.train()
+    (entry,) = _logs(trainer)
+    assert trainer._sampler.policy.model is trainer.accelerator.unwrap_model(trainer.model)
+    assert entry["appo/fork_reused_tokens"] > 0 and entry["appo/branches"] == 2
+    assert entry["appo/logratio_abs_mean"] < 1e-4  # the same weights: only rounding
+
+
 def test_metrics_and_the_completions_table(tmp_path):
     import pandas as pd
 

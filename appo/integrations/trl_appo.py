@@ -40,7 +40,9 @@ import copy
 import hashlib
 import inspect
 import math
+import sys
 import time
+import warnings
 from collections import defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -182,10 +184,8 @@ class APPOConfig(GRPOConfig):
             check_positive(name, getattr(self, name))
         check_fraction("scale_clip", self.scale_clip)
         check_nonneg("scale_bonus", self.scale_bonus)
-        for name in ("keep_selected_token", "train_branches", "scale_clip_high_only"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
-        for name in ("drop_dual_clipped_rows", "clamp_kl"):
+        flags = ("keep_selected_token", "train_branches", "scale_clip_high_only")
+        for name in flags + ("drop_dual_clipped_rows", "clamp_kl"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
         conventions = tuple(c for c in STD_CONVENTIONS if c != "none")  # "none": scale_rewards
@@ -197,14 +197,14 @@ class APPOConfig(GRPOConfig):
             raise ValueError(
                 f"sampler_dtype must be one of {tuple(SAMPLER_DTYPES)}, got {self.sampler_dtype!r}"
             )
-        if self.delta is not None and check_positive("delta", self.delta) <= 1.0:
-            raise ValueError(f"delta (the dual clip) must be > 1 or None, got {self.delta}")
         super().__post_init__()
         if self.branch_budget:
             self._check_branching_setup()
 
     def _check_branching_setup(self) -> None:
         """What APPO needs of the rest of the config when it branches (B > 0)."""
+        if self.delta is not None and check_positive("delta", self.delta) <= 1.0:
+            raise ValueError(f"delta (the dual clip) must be > 1 or None, got {self.delta}")
         if self.loss_type not in PPO_LOSS_TYPES:
             raise ValueError(
                 f"loss_type must be one of {PPO_LOSS_TYPES} with branch_budget > 0 (APPO's dual "
@@ -532,6 +532,14 @@ class APPOTrainer(KernelGRPOTrainer):
         vocab = self.model.config.get_text_config().vocab_size
         self._blank = blank_token_table(self._tokenizer, vocab).to(self.accelerator.device)
         self._sampler = None if self.use_vllm else PagedSampler(self)
+        weight_dtype = next(self.model.parameters()).dtype
+        if self._sampler is not None and SAMPLER_DTYPES[args.sampler_dtype] == weight_dtype:
+            warnings.warn(
+                f"sampler_dtype={args.sampler_dtype!r} is the policy's dtype: the behaviour "
+                "policy is the policy itself, Ω is 1 up to rounding and the 'appo' rule ranks by "
+                "noise (docs/design.md, 17.2); use 'bfloat16', vLLM, or branching='entropy'",
+                stacklevel=2,
+            )
         # the completions table holds each step's branch rows too
         rows = args.generation_batch_size * (1 + args.branch_budget / self.num_generations)
         size = int(math.ceil(rows))
@@ -607,6 +615,8 @@ class APPOTrainer(KernelGRPOTrainer):
         result = super()._generate(prompts)
         round_.times["generation"] = time.perf_counter() - started
         prompt_ids, completion_ids, tool_mask, completions, logprobs = result[:5]
+        if logprobs is None:  # only a custom generation path could drop them
+            raise ValueError("APPO needs the sampling log-probs of the initial rollouts")
         round_.initial = _Rows(
             prompts=prompts,
             prompt_ids=[list(p) for p in prompt_ids],
@@ -813,17 +823,20 @@ class APPOTrainer(KernelGRPOTrainer):
             branch.logprobs = logprobs[:split]
             branch.completion = completions
             branches.append(branch)
-        if not branches:
-            return branches
         requests = [br.prompt_ids + br.completion_ids for br in branches]
         budgets = [self.max_completion_length - br.split for br in branches]
         if self._sampler is not None:
+            if not branches:
+                return branches
             streams = [_stream(*self._round.seed, "branch", br.index) for br in branches]
             ids, logps = self._sampler.generate(requests, streams)
             for br, reused in zip(branches, self._sampler.reused):
                 br.reused_prefix = reused
-        else:  # vLLM: token-id prompts; its prefix cache holds the parents' blocks
+        else:  # vLLM: token-id prompts (its prefix cache holds the parents' blocks); in server
+            # mode every process takes part in the call, with or without branches of its own
             ids, logps = self._generate_single_turn(requests, None, {}, num_generations=1)
+            if not branches:
+                return branches
         for br, new_ids, new_logps, budget in zip(branches, ids, logps, budgets):
             br.completion_ids = br.completion_ids + list(new_ids)[:budget]
             br.logprobs = br.logprobs + list(new_logps or [0.0] * len(new_ids))[:budget]
@@ -887,7 +900,7 @@ class APPOTrainer(KernelGRPOTrainer):
             return
         environments = [self._branch_environment(b, turns[id(b)][0]) for b in branches]
         self._round.environments = environments
-        limited = self.max_tool_calling_iterations < 2**62
+        limited = self.max_tool_calling_iterations != sys.maxsize
         groups = defaultdict(list)
         for i, branch in enumerate(branches):
             groups[turns[id(branch)][1] if limited else 0].append(i)
@@ -1272,11 +1285,8 @@ class APPOTrainer(KernelGRPOTrainer):
             self._logs["extra"][column].extend(values)
         length = len(self._logs["prompt"])
         for column in list(self._logs["extra"].values()) + list(self._logs["rewards"].values()):
-            while len(column) < length:  # a column a step's rows lack: None on the left
+            while len(column) < length:  # a column that earlier rows lack: None on the left
                 column.appendleft(None)
-        for column in self._logs["rewards"].values():
-            while len(column) > length:
-                column.popleft()
 
     # ------------------------------------------------------------------------------------------
     # the loss

@@ -125,6 +125,10 @@ def smollm2_policy():
     from appo.model import load_model
 
     model, tokenizer = load_model()
+    # the GGUF loader de-quantises to float32 but keeps its quantizer, and transformers' Trainer
+    # refuses to fine-tune a model that has one
+    model.hf_quantizer, model.is_quantized = None, False
+    model.config.quantization_config = None
     return model.train(), with_chat_format(tokenizer)
 
 
