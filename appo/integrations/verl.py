@@ -224,8 +224,9 @@ def appo_advantage(
     **unused: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """verl advantage estimator ``"appo"``: (advantages, returns), both the token advantages of
-    docs/design.md section 8, ``[R, T]`` float32 (branch rows get 0: drop them before the update
-    with ``is_branch_row``). ``index`` is verl's ``uid`` column (module docstring)."""
+    docs/design.md section 8, ``[R, T]`` float32. ``index`` is verl's ``uid`` column (module
+    docstring). Branch rows get 0 (drop them before the update with ``is_branch_row``) unless
+    ``config`` (``algorithm``) sets ``appo_train_branches``, which gives them their own ``Â_b``."""
     if index is None:
         raise ValueError("index (verl's uid column) is required by the 'appo' estimator")
     if len(index) != token_level_rewards.shape[0]:
@@ -236,8 +237,15 @@ def appo_advantage(
     group_ids, is_branch, parent, split = (
         x.to(device) for x in _parse_uids(index, response_mask.shape[-1])
     )
+    train_branches = config is not None and bool(config.get("appo_train_branches", False))
     advantages = procedure_advantages(
-        token_level_rewards.sum(dim=-1), group_ids, is_branch, parent, split, response_mask
+        token_level_rewards.sum(dim=-1),
+        group_ids,
+        is_branch,
+        parent,
+        split,
+        response_mask,
+        train_branches=train_branches,
     )
     return advantages, advantages
 
@@ -409,6 +417,7 @@ def select_branches(
     batch: DataProto,
     budget: int,
     *,
+    rule: str = "appo",
     keep_selected_token: bool = False,
     gamma: float = 1.0,
     clip: float = 0.2,
@@ -431,6 +440,8 @@ def select_branches(
             (verl's ``compute_log_prob`` with entropy, and ``rollout.calculate_log_probs=True``)
             and ``non_tensor_batch["uid"]``.
         budget: branch points per prompt group (>= 1).
+        rule: the branch-point rule, a name in ``appo.branching.RULES`` (docs/design.md section
+            7.1a); ``"appo"`` is the Branching Score described above.
         keep_selected_token: keep the chosen token and re-sample from the next one (the paper
             code's variant); a row's last generated token is then never chosen.
         gamma, clip: future-value discount and clip (docs/design.md section 5).
@@ -462,7 +473,7 @@ def select_branches(
         size = int(excluded.max()) + 1 if excluded.numel() else 0
         blank = torch.zeros(size, dtype=torch.bool, device=device).index_fill_(0, excluded, True)
     plan = plan_branches(
-        "appo",
+        rule,
         entropy=entropy,
         logprob=log_prob,
         behavior_logprob=rollout_log_prob,
