@@ -483,3 +483,298 @@ def test_build_branch_rows_merges_repeated_picks_and_refuses_bad_input(add_worke
     stock.non_tensor_batch["appo_resume"] = np.array([None], dtype=object)
     with pytest.raises(ValueError, match="appo_tool_agent"):
         build_branch_rows(stock, hand_branches(stock, [(0, 2)]))
+
+
+# ---------------------------------------------------------------------------------------------
+# the branching step with TransferQueue under Ray
+
+
+@pytest.fixture(scope="module")
+def transfer_queue():
+    """Ray with 8 logical CPUs (TransferQueue's controller and storage units each take one; it
+    hangs under num_cpus=2) and TransferQueue with 2 storage units; shut down after the module."""
+    import ray
+    import transfer_queue as tq
+
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    try:
+        tq.init(OmegaConf.create({"backend": {"SimpleStorage": {"num_data_storage_units": 2}}}))
+        yield tq
+    finally:
+        try:
+            tq.close()
+        finally:
+            ray.shutdown()
+
+
+@pytest.fixture
+def tq(transfer_queue):
+    """TransferQueue, with its train partition emptied after the test (fit clears each step's
+    keys; a failed test must not leave keys to the next)."""
+    yield transfer_queue
+    left = (transfer_queue.kv_list("train") or {}).get("train", {})
+    if left:
+        transfer_queue.kv_clear(keys=list(left), partition_id="train")
+
+
+class Log:
+    """What the fake checkpoint manager and the in-process agent loop manager did, in order."""
+
+    def __init__(self):
+        self.events = []
+
+
+class FakeCheckpointManager:
+    """Records the trainer's wake (update_weights) and sleep calls; no rollout replica exists."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def update_weights(self, global_steps=None):
+        self.log.events.append(("wake", global_steps))
+
+    def sleep_replicas(self):
+        self.log.events.append(("sleep",))
+
+
+class InProcessAgentLoopManager:
+    """verl's TransferQueue agent loop worker, run in this process: ``generate_sequences``
+    dispatches the rows as AgentLoopManagerTQ does and returns once every session wrote its
+    trajectory. ``after`` runs on the generated keys (the test corrupts or inspects rows)."""
+
+    def __init__(self, worker, log, after=None):
+        self.worker, self.log, self.after = worker, log, after
+
+    def generate_sequences(self, prompts):
+        import transfer_queue as tq
+
+        uids = list(prompts["uid"])
+        agents = list(prompts["agent_name"]) if "agent_name" in prompts.keys() else None
+        self.log.events.append(("generate", agents, uids))
+
+        async def dispatch():
+            await self.worker.generate_sequences(prompts)
+            while self.worker.background_tasks:
+                await asyncio.gather(*list(self.worker.background_tasks))
+
+        run(dispatch())
+        if self.after is not None:
+            listing = tq.kv_list("train")["train"]
+            keys = [
+                k
+                for k, tag in listing.items()
+                if not tag.get("is_prompt") and k.rsplit("_", 2)[0] in uids
+            ]
+            self.after(sorted(keys))
+
+
+class StubActorWorkerGroup:
+    """Stands in for verl's FSDP actor worker group (which needs a GPU): ``compute_log_prob``
+    writes per-token log-probs and entropies over each sequence into TransferQueue, as the
+    workers do; entropy is ENTROPY[next token] (default 0.5), so branch points are known."""
+
+    _dispatch_info = {"actor": [0]}  # one data-parallel rank
+
+    def __init__(self, tokenizer, entropy):
+        self.entropy = {tokenizer.convert_tokens_to_ids(t): h for t, h in entropy.items()}
+
+    def compute_log_prob(self, batch):
+        import transfer_queue as tq
+
+        data = tq.kv_batch_get(
+            keys=batch.keys, partition_id=batch.partition_id, select_fields="input_ids"
+        )
+        log_probs, entropies = [], []
+        for ids in data["input_ids"].unbind():
+            following = ids.tolist()[1:] + [0]
+            entropies.append(torch.tensor([self.entropy.get(t, 0.5) for t in following]))
+            log_probs.append(-0.01 * (1 + ids.double().remainder(7)).float())
+        fields = TensorDict(
+            {
+                "log_probs": torch.nested.as_nested_tensor(log_probs, layout=torch.jagged),
+                "entropy": torch.nested.as_nested_tensor(entropies, layout=torch.jagged),
+            },
+            batch_size=[len(batch)],
+        )
+        tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=fields)
+        return batch
+
+
+def padded(nested):
+    return nested.to_padded_tensor(0)
+
+
+@pytest.mark.parametrize("train_branches", [False, True])
+def test_branching_step_with_transfer_queue(tiny, tq, train_branches):
+    """Two prompts x 3 rollouts through verl's TransferQueue worker, ReplayBuffer and batch
+    balancing; then APPO's _compute_old_log_prob and _compute_advantage. The rule "entropy" and
+    the stub's entropies pick, in the add group, the '3' of each rollout's tool call (branches
+    that straddle the call) and, in the hi group (two candidates, budget 3), one '7' twice (one
+    request, 2 rollouts) and the other once; the server fails one hi rollout and the test
+    corrupts the prefix of one add branch."""
+    tokenizer = tiny_tokenizer()
+    not_digits = [i for t, i in tokenizer.get_vocab().items() if not t.isdigit()]
+
+    def fail():
+        raise RuntimeError("scripted rollout failure")
+
+    answer = "The answer is {}.<|im_end|>"
+    server = ScriptedServer(
+        tokenizer,
+        [
+            (r"user\nAdd 2 and 3\.<\|im_end\|>\n" + ASSISTANT, CALL),
+            (r"tool\n5<\|im_end\|>\n" + ASSISTANT, lambda n: answer.format(5 + n % 2)),
+            (r'"b": ', "4}}</tool_call><|im_end|>"),
+            (r"tool\n6<\|im_end\|>\n" + ASSISTANT, lambda n: answer.format(5 + n % 2)),
+            (
+                r"user\nSay hi\.<\|im_end\|>\n" + ASSISTANT,
+                lambda n: ("hi 7", "hi")[n % 2] + "<|im_end|>",
+            ),
+            (r"hi ", lambda n: fail() if n == 1 else f"{8 - n // 2}<|im_end|>"),
+        ],
+    )
+    config = compose_config(
+        tiny,
+        "actor_rollout_ref.rollout.n=3",
+        "trainer.v1.trainer_mode=appo",
+        "+trainer.v1.appo.budget=3",
+        "+trainer.v1.appo.rule=entropy",
+        f"+trainer.v1.appo.exclude_token_ids={not_digits}",
+        "+trainer.v1.appo.timeout_s=120",
+        "data.train_batch_size=2",
+        "actor_rollout_ref.actor.ppo_mini_batch_size=4",  # 6 rows -> 6 synthetic padding rows
+        f"+algorithm.appo_train_branches={str(train_branches).lower()}",
+    )
+    log = Log()
+    branch_rows = {}
+
+    def corrupt_one_add_branch(keys):
+        """Keeps what the branch rows hold, then changes a prefix token of one add branch (one
+        chosen so that the two add branches left have different rewards)."""
+        if not keys or UID_TAG not in keys[0]:
+            return
+        fields = ["uid", "rm_scores", "response_mask", "responses"]
+        got = tq.kv_batch_get(keys=keys, partition_id="train", select_fields=fields)
+        rewards = [float(r.sum()) for r in got["rm_scores"].unbind()]
+        add = [i for i, uid in enumerate(got["uid"]) if str(uid).startswith("add#")]
+        victim = next(i for i in add if len({rewards[j] for j in add if j != i}) == 2)
+        responses = got["responses"][victim].clone()
+        responses[0] = (responses[0] + 1) % len(tokenizer)
+        nested = torch.nested.as_nested_tensor([responses], layout=torch.jagged)
+        tq.kv_batch_put(
+            keys=[keys[victim]],
+            partition_id="train",
+            fields=TensorDict({"responses": nested}, batch_size=[1]),
+        )
+        for i, key in enumerate(keys):
+            branch_rows[key] = (str(got["uid"][i]), rewards[i], got["response_mask"][i])
+        branch_rows["victim"] = keys[victim]
+
+    from verl.trainer.ppo.v1.agent_loop_tq import AgentLoopWorkerTQ
+    from verl.utils import tensordict_utils as tu
+
+    reward = InProcessActor(RewardLoopWorker(config))
+    worker = AgentLoopWorkerTQ.__ray_metadata__.modified_class(config, server, None, [reward])
+    trainer = APPOTrainer(config)
+    trainer.tokenizer = tokenizer
+    trainer.checkpoint_manager = FakeCheckpointManager(log)
+    trainer.agent_loop_manager = InProcessAgentLoopManager(worker, log, corrupt_one_add_branch)
+    trainer.actor_rollout_wg = StubActorWorkerGroup(tokenizer, {"3": 3.0, "7": 2.5, "2": 1.0})
+    trainer.reward_loop_manager = SimpleNamespace(reward_loop_worker_handles=[reward])
+    trainer.global_steps, trainer.timing_raw, trainer.curr_step_profile = (
+        1,
+        {},
+        False,
+    )  # fit sets these
+    assert trainer.trainer_mode == "sync" and trainer.mode == "appo"
+    assert type(trainer.replay_buffer) is ReplayBuffer  # verl's sync sampling
+
+    prompts = rows([ADD_PROMPT, HI_PROMPT], "appo_tool_agent", ["5", "7"], uids=["add", "hi"])
+    columns = {k: v for k, v in prompts.non_tensor_batch.items() if k != "agent_name"}
+    submitted = tu.get_tensordict({**columns, "dummy_tensor": prompts.batch["dummy_tensor"]})
+    tu.assign_non_tensor_data(submitted, "global_steps", 1)
+    calls = calls_of(tiny.tools)
+    before = len(calls)
+    trainer._submit_batch_to_rollout(submitted)  # verl's own step, from here on
+    batch, _ = trainer.replay_buffer.sample(global_steps=1, partition_id="train", batch_size=2)
+    trainer.on_sample_end()
+    metrics = {}
+    batch = trainer._balance_batch(batch, metrics)
+    keys = list(batch.keys)
+    padding = [key for key, tag in zip(keys, batch.tags) if tag.get("is_padding")]
+    assert len(keys) == 12 and len(padding) == 6
+    out = trainer._compute_advantage(trainer._compute_old_log_prob(batch, metrics), metrics)
+
+    # wake with the weights that sampled the initial rows (version 0), generate, sleep
+    assert [event[0] for event in log.events] == ["generate", "sleep", "wake", "generate", "sleep"]
+    assert log.events[2] == ("wake", 0)
+    _, agents, requests = log.events[3]
+    assert agents == ["appo_branch"] * 5 and len(set(requests)) == 5
+    assert metrics["appo/branch/points"] == 6 and metrics["appo/branch/rollouts"] == 6
+    assert metrics["appo/branch/failed"] == 1 and metrics["appo/branch/prefix_mismatch"] == 1
+    assert sorted(calls[before:]) == [(2, 3)] * 3 + [(2, 4)] * 3  # the straddling calls ran
+
+    # the initial rows keep their order and get the uids '<uid>#appo:<k>'; padding rows do not
+    real = [key for key in keys if key not in padding]
+    fields = ["uid", "rm_scores", "response_mask", "advantages"]
+    initial = tq.kv_batch_get(keys=real, partition_id="train", select_fields=fields)
+    uids = [str(uid) for uid in initial["uid"]]
+    assert [uid.partition(UID_TAG)[2] for uid in uids] == [str(k) for k in range(6)]
+    pads = tq.kv_batch_get(keys=padding, partition_id="train", select_fields="uid")["uid"]
+    assert all(str(uid).startswith("pad") for uid in pads)
+    kept = [key for key in branch_rows if key not in ("victim", branch_rows["victim"])]
+    assert len(kept) == 4
+
+    listing = set(tq.kv_list("train")["train"])
+    if train_branches:  # the kept branch rows (and their padding) go on to the update
+        assert set(keys) < set(out.keys) and set(kept) < set(out.keys)
+        assert listing == set(out.keys) and len(out) == 24  # divisible by mini-batch x n
+        branch = tq.kv_batch_get(keys=kept, partition_id="train", select_fields=fields)
+    else:  # no branch key is left; the batch goes on with the initial rows only
+        assert listing == set(keys)
+        assert out.keys == keys and out.fields is None
+        assert "advantages" in tq.kv_batch_get_by_meta(out).keys()
+    tree = [
+        (uid, float(reward.sum()), mask)
+        for uid, reward, mask in zip(
+            uids, initial["rm_scores"].unbind(), initial["response_mask"].unbind()
+        )
+    ] + [branch_rows[key] for key in kept]
+    want = tree_reference(tree, train_branches)
+    advantages = padded(initial["advantages"])
+    torch.testing.assert_close(advantages, want[:6, : advantages.shape[1]])
+    if train_branches:
+        branch_advantages = padded(branch["advantages"])
+        torch.testing.assert_close(branch_advantages, want[6:, : branch_advantages.shape[1]])
+        assert branch_advantages.abs().max() > 0.5
+    # the branches' credit is in there (their rewards differ within each group)
+    assert (want[:6] - tree_reference(tree[:6], train_branches)).abs().max() > 0.1
+    # fit clears the step's keys: then nothing of the step is left
+    tq.kv_clear(keys=out.keys, partition_id="train")
+    assert not (tq.kv_list("train") or {}).get("train")
+
+
+def tree_reference(rows, train_branches):
+    """procedure_advantages over rows (uid, reward, response mask), the tree read off the uids
+    as select_branches writes them ('<uid>#appo:<k>', '<uid>#appo:<k>:<split>')."""
+    initial = {
+        uid.partition(UID_TAG)[2]: i for i, (uid, _, _) in enumerate(rows) if uid.count(":") == 1
+    }
+    mask = torch.zeros(len(rows), max(len(m) for _, _, m in rows), dtype=torch.int64)
+    groups, parent, split = [], [-1] * len(rows), [0] * len(rows)
+    for i, (uid, _, row_mask) in enumerate(rows):
+        group, _, tail = uid.partition(UID_TAG)
+        groups.append(group)
+        mask[i, : len(row_mask)] = row_mask
+        if tail.count(":") == 1:
+            k, cut = tail.split(":")
+            parent[i], split[i] = initial[k], int(cut)
+    return procedure_advantages(
+        torch.tensor([reward for _, reward, _ in rows]),
+        torch.tensor([sorted(set(groups)).index(group) for group in groups]),
+        torch.tensor(parent) >= 0,
+        torch.tensor(parent),
+        torch.tensor(split),
+        mask,
+        train_branches=train_branches,
+    )

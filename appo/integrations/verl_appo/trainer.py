@@ -218,18 +218,20 @@ def _postprocessed(rows: TensorDict) -> DataProto:
 
 
 def _add_fields(data: DataProto, fields: TensorDict) -> None:
-    """The rows' prompt fields, as the columns or tensors ``build_branch_rows`` reads."""
+    """The rows' prompt fields, as the columns or tensors ``build_branch_rows`` reads
+    (TransferQueue hands back per-row tensors as jagged ones)."""
     for key in fields.keys():
         value = fields[key]
         if not isinstance(value, torch.Tensor):
             data.non_tensor_batch[key] = object_column(list(value))
-        elif not value.is_nested:
-            data.batch[key] = value
-        else:
+            continue
+        parts = value.unbind() if value.is_nested else list(value)
+        if any(part.shape != parts[0].shape for part in parts):
             raise ValueError(
                 f"prompt field {key!r} holds tensors of different shapes per row; branch rows "
                 "carry prompt tensors of one shape only"
             )
+        data.batch[key] = torch.stack(parts)
 
 
 @register_trainer(TRAINER_NAME)
