@@ -1,4 +1,4 @@
-"""APPO's verl trainer mode and agent loops (appo.integrations.verl_appo) against the real verl 0.9.1.
+"""APPO's verl trainer mode and agent loops (appo.integrations.verl_appo) against real verl 0.9.1.
 
 verl's own agent loop workers, ToolAgentLoop, Qwen token builder, Hermes tool parser, function tool
 loading, reward manager, post-processing, compute_advantage, ReplayBuffer and TransferQueue run
@@ -9,6 +9,7 @@ environment with APPO_REQUIRE_VERL=1, which turns the skip below into a failure.
 """
 
 import asyncio
+import copy
 import os
 import random
 import subprocess
@@ -32,7 +33,7 @@ except ImportError:
     )
 
 from hydra import compose, initialize_config_module
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 from tensordict import TensorDict
 from verl import DataProto
 from verl.experimental.agent_loop.agent_loop import AgentLoopWorker, register
@@ -417,8 +418,9 @@ def test_parent_and_branch_rows_stack_and_get_procedure_advantages(tiny, seed):
     stub_statistics(initial, torch.Generator().manual_seed(seed))
     branches = select_branches(initial, 2)
     requests = build_branch_rows(initial, branches)
-    # verl's v0 trainer repeats rows for n; the TransferQueue worker reads __rollout_n__
-    requests = requests.select_idxs(np.repeat(np.arange(len(requests)), requests.non_tensor_batch["__rollout_n__"].astype(int)))  # fmt: skip
+    # the TransferQueue worker runs __rollout_n__ sessions of a row; this worker, one per row
+    repeats = requests.non_tensor_batch["__rollout_n__"].astype(int)
+    requests = requests.select_idxs(np.repeat(np.arange(len(requests)), repeats))
     requests.meta_info = {"global_steps": 1, "validate": False}
     branch_rows = generate(worker, requests)
     assert len(branch_rows) == len(branches.parent) == 4
@@ -778,3 +780,128 @@ def tree_reference(rows, train_branches):
         mask,
         train_branches=train_branches,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration: Hydra composition, verl's validation, errors at construction
+
+
+def recipe_lines():
+    lines = (ROOT / "examples/verl/overrides.txt").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def test_the_recipe_composes_passes_verl_validation_and_constructs(tiny):
+    """examples/verl/overrides.txt with run_appo.sh's sizes: verl's validate_config accepts it and
+    the trainer verl's TaskRunner would pick (get_trainer_cls) constructs from it."""
+    from verl.tools.tool_registry import load_all_tools
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.trainer.ppo.v1 import get_trainer_cls
+    from verl.utils.config import validate_config
+
+    sizes = [
+        "data.train_batch_size=64",
+        "actor_rollout_ref.actor.ppo_mini_batch_size=16",
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=4",
+        "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=4",
+        "actor_rollout_ref.rollout.n=8",
+        f"actor_rollout_ref.rollout.multi_turn.function_tool_path={ROOT}/examples/verl/calculator_tools.py",
+        "trainer.n_gpus_per_node=8",
+    ]
+    config = compose_config(tiny, *recipe_lines(), *sizes)
+    validate_config(
+        config=config,
+        use_reference_policy=need_reference_policy(config),
+        use_critic=need_critic(config),
+    )
+    trainer_cls = get_trainer_cls(config.trainer.v1.trainer_mode)
+    assert trainer_cls is APPOTrainer
+    trainer = trainer_cls(config)
+    assert trainer.appo == appo_trainer.APPOTrainerOptions(budget=4)
+    assert trainer.trainer_mode == "sync" and type(trainer.replay_buffer) is ReplayBuffer
+    (tool,) = load_all_tools(None, config.actor_rollout_ref.rollout.multi_turn.function_tool_path)
+    assert run(tool.call({"expression": "(3 + 4) * 2"})) == "14"
+    assert run(tool.call({"expression": "__import__('os')"})).startswith("error")
+
+
+@pytest.fixture(scope="module")
+def appo_config(tiny):
+    """verl's trainer config in trainer mode appo, budget 2 of rollout.n 4 (composed once)."""
+    base = ["trainer.v1.trainer_mode=appo", "+trainer.v1.appo.budget=2"]
+    return compose_config(tiny, *base, "actor_rollout_ref.rollout.n=4")
+
+
+DELETE = object()
+BAD_CONFIGS = [  # (option, value), the error and its message
+    ("trainer.v1.appo.budget", -1, ValueError, r"trainer\.v1\.appo\.budget must be an int >= 0"),
+    ("trainer.v1.appo.budget", "2", TypeError, r"trainer\.v1\.appo\.budget must be an int"),
+    ("trainer.v1.appo.budget", 2.0, TypeError, r"trainer\.v1\.appo\.budget must be an int"),
+    ("trainer.v1.appo.budget", True, TypeError, r"trainer\.v1\.appo\.budget must be an int"),
+    (
+        "trainer.v1.appo.budget",
+        5,
+        ValueError,
+        r"budget must be at most actor_rollout_ref\.rollout\.n",
+    ),
+    ("trainer.v1.appo.budget", DELETE, ValueError, r"trainer\.v1\.appo\.budget is required"),
+    ("trainer.v1.appo.frobnicate", 1, ValueError, r"unknown options \['frobnicate'\]"),
+    ("trainer.v1.appo.rule", "bogus", ValueError, r"trainer\.v1\.appo\.rule must be one of"),
+    ("trainer.v1.appo.gamma", 0, ValueError, r"trainer\.v1\.appo\.gamma"),
+    ("trainer.v1.appo.clip", 1.5, ValueError, r"trainer\.v1\.appo\.clip"),
+    ("trainer.v1.appo.timeout_s", 0, ValueError, r"trainer\.v1\.appo\.timeout_s"),
+    ("trainer.v1.appo.exclude_token_ids", [3, -1], ValueError, r"exclude_token_ids"),
+    ("trainer.v1.appo.exclude_token_ids", "3", TypeError, r"exclude_token_ids"),
+    ("algorithm.appo_train_branches", "yes", TypeError, r"algorithm\.appo_train_branches"),
+    (
+        "actor_rollout_ref.rollout.agent.default_agent_loop",
+        "tool_agent",
+        ValueError,
+        r"default_agent_loop must record what branches need .* got 'tool_agent'",
+    ),
+    (
+        "actor_rollout_ref.rollout.agent.default_agent_loop",
+        "no_such_loop",
+        ValueError,
+        r"got 'no_such_loop' \(not registered\)",
+    ),
+    ("algorithm.adv_estimator", "grpo", ValueError, r"algorithm\.adv_estimator=appo"),
+    ("actor_rollout_ref.rollout.calculate_log_probs", False, ValueError, r"calculate_log_probs"),
+    ("algorithm.rollout_correction.bypass_mode", True, ValueError, r"bypass_mode must be false"),
+    ("algorithm.use_kl_in_reward", True, ValueError, r"use_kl_in_reward must be false"),
+]
+
+
+@pytest.mark.parametrize("option, value, error, match", BAD_CONFIGS)
+def test_bad_configurations_fail_at_construction(appo_config, option, value, error, match):
+    config = copy.deepcopy(appo_config)
+    with open_dict(config):
+        if value is DELETE:
+            parent, _, name = option.rpartition(".")
+            del OmegaConf.select(config, parent)[name]
+        else:
+            OmegaConf.update(config, option, value, force_add=True)
+    with pytest.raises(error, match=match):
+        APPOTrainer(config)
+
+
+def test_good_configurations_construct(appo_config, tmp_path):
+    trainer = APPOTrainer(copy.deepcopy(appo_config))  # budget 2 of rollout.n 4
+    assert trainer.appo.budget == 2 and trainer.mode == "appo"
+    config = copy.deepcopy(appo_config)
+    config.trainer.v1.appo.budget = 0  # verl's sync trainer
+    assert APPOTrainer(config).appo.budget == 0
+    # an agent loop of agent_loop_config_path that subclasses appo_tool_agent records too
+    listed = tmp_path / "agents.yaml"
+    target = "appo.integrations.verl_appo.agent_loops.APPOBranchAgentLoop"
+    listed.write_text(f"- name: my_agent\n  _target_: {target}\n")
+    config = copy.deepcopy(appo_config)
+    config.actor_rollout_ref.rollout.agent.default_agent_loop = "my_agent"
+    config.actor_rollout_ref.rollout.agent.agent_loop_config_path = str(listed)
+    assert APPOTrainer(config).appo.budget == 2
+
+
+def test_a_verl_release_other_than_0_9_1_is_refused(appo_config, monkeypatch):
+    monkeypatch.setattr(appo_trainer.verl, "__version__", "0.10.0")
+    with pytest.raises(RuntimeError, match=r"verl 0\.9\.1 .* found verl 0\.10\.0"):
+        APPOTrainer(copy.deepcopy(appo_config))

@@ -56,7 +56,7 @@ def add(a: int, b: int) -> str:
     return str(a + b)
 '''
 
-REWARD_SOURCE = '''"""Reward of APPO's verl tests: 1 when the response's last word is the ground truth."""
+REWARD_SOURCE = '''"""Reward of APPO's verl tests: 1 when the last word is the ground truth."""
 
 
 def compute_score(data_source, solution_str, ground_truth, extra_info=None):
