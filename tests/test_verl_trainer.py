@@ -10,6 +10,7 @@ environment with APPO_REQUIRE_VERL=1, which turns the skip below into a failure.
 
 import asyncio
 import copy
+import faulthandler
 import os
 import random
 import subprocess
@@ -56,6 +57,7 @@ PROMPT_LENGTH, RESPONSE_LENGTH = (
 ADD_PROMPT = [{"role": "user", "content": "Add 2 and 3."}]
 HI_PROMPT = [{"role": "user", "content": "Say hi."}]
 ASSISTANT = r"<\|im_start\|>assistant\n"
+WATCHDOG_S = 900  # the TransferQueue tests take about two minutes on 2 loaded cores
 CALL = 'Let me add.<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call><|im_end|>'
 
 
@@ -498,6 +500,8 @@ def transfer_queue():
     import ray
     import transfer_queue as tq
 
+    # a hang anywhere in here ends the test process (with the stacks) instead of the CI job
+    faulthandler.dump_traceback_later(WATCHDOG_S, exit=True)
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     try:
         tq.init(OmegaConf.create({"backend": {"SimpleStorage": {"num_data_storage_units": 2}}}))
@@ -507,6 +511,7 @@ def transfer_queue():
             tq.close()
         finally:
             ray.shutdown()
+            faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture
