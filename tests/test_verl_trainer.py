@@ -578,7 +578,8 @@ class InProcessAgentLoopManager:
 class StubActorWorkerGroup:
     """Stands in for verl's FSDP actor worker group (which needs a GPU): ``compute_log_prob``
     writes per-token log-probs and entropies over each sequence into TransferQueue, as the
-    workers do; entropy is ENTROPY[next token] (default 0.5), so branch points are known."""
+    workers do; the entropy at a position is the table's value for the next token (default 0.5), so
+    the branch points are known."""
 
     _dispatch_info = {"actor": [0]}  # one data-parallel rank
 
@@ -688,11 +689,8 @@ def test_branching_step_with_transfer_queue(tiny, tq, train_branches):
     trainer.agent_loop_manager = InProcessAgentLoopManager(worker, log, corrupt_one_add_branch)
     trainer.actor_rollout_wg = StubActorWorkerGroup(tokenizer, {"3": 3.0, "7": 2.5, "2": 1.0})
     trainer.reward_loop_manager = SimpleNamespace(reward_loop_worker_handles=[reward])
-    trainer.global_steps, trainer.timing_raw, trainer.curr_step_profile = (
-        1,
-        {},
-        False,
-    )  # fit sets these
+    # what fit sets before a step
+    trainer.global_steps, trainer.timing_raw, trainer.curr_step_profile = 1, {}, False
     assert trainer.trainer_mode == "sync" and trainer.mode == "appo"
     assert type(trainer.replay_buffer) is ReplayBuffer  # verl's sync sampling
 
