@@ -191,8 +191,17 @@ def _require(rows: TensorDict, fields: Sequence[str], what: str) -> None:
         raise ValueError(f"{what} lack {missing} in TransferQueue (some row has no such field)")
 
 
+def _jagged(rows: torch.Tensor) -> torch.Tensor:
+    """Per-row tensors as TransferQueue's SimpleStorage returns them (jagged), whatever the
+    storage backend handed back."""
+    if rows.is_nested:
+        return rows
+    return torch.nested.as_nested_tensor(list(rows), layout=torch.jagged)
+
+
 def _left_padded(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, mask) ``[B, P]``: the jagged rows right-aligned, 0 before them."""
+    rows = _jagged(rows)
     lengths = rows.offsets().diff()
     width = int(lengths.max())
     ids = torch.zeros(len(lengths), width, dtype=rows.dtype)
@@ -205,13 +214,13 @@ def _postprocessed(rows: TensorDict) -> DataProto:
     """TransferQueue rows laid out as verl's agent loop post-processing builds a batch
     (left-padded prompts, right-padded responses and per-token fields, attention mask)."""
     prompts, prompt_mask = _left_padded(rows["prompts"])
-    response_lengths = rows["responses"].offsets().diff()
+    response_lengths = _jagged(rows["responses"]).offsets().diff()
     width = int(response_lengths.max())
     response_attention = (torch.arange(width) < response_lengths[:, None]).long()
     tensors = {
         "prompts": prompts,
         "attention_mask": torch.cat([prompt_mask, response_attention], dim=1),
-        **{key: rows[key].to_padded_tensor(0) for key in _PER_TOKEN_FIELDS},
+        **{key: _jagged(rows[key]).to_padded_tensor(0) for key in _PER_TOKEN_FIELDS},
     }
     columns = {key: object_column(list(rows[key])) for key in ("uid", "extra_fields")}
     return DataProto(batch=TensorDict(tensors, batch_size=[len(prompts)]), non_tensor_batch=columns)
