@@ -50,3 +50,7 @@ python bench/kv_fork.py --device cuda --out "$out/kv_fork_$name.md" 2>&1 | tail 
 # wheel or gguf): ~30 s.
 python bench/rollout.py --device cuda --model random --new-tokens 32 --repeats 3 \
   --out "$out/rollout_$name.md" 2>&1 | tail -12
+# APPO inside verl's own loop: two steps of verl's main_ppo, trainer mode appo, on a tiny random
+# model (bench/verl_appo_smoke.py). It says so and stops where the image has no verl or no
+# vLLM / SGLang (the GPU image has neither today).
+python bench/verl_appo_smoke.py --out "$out" 2>&1 | tail -20

@@ -76,7 +76,7 @@ from appo.advantages import STD_CONVENTIONS, procedure_advantages
 from appo.branching import RULES, branch_candidates, plan_branches
 from appo.integrations.trl import KernelGRPOTrainer
 from appo.loss import KL_CLAMP, LOG_RATIO_BOUND, future_likelihood_scale
-from appo.model import blank_token_table
+from appo.model import blank_token_table, lm_head_softcap
 from appo.rollout import RolloutConfig, RolloutEngine
 from appo.sampler import SAMPLER_DTYPES, SamplerPolicy
 from appo.trainer import omega_diagnostics
@@ -529,9 +529,13 @@ class APPOTrainer(KernelGRPOTrainer):
                 "processing_class must be a tokenizer with branch_budget > 0 (vision inputs are "
                 "not branched)"
             )
-        vocab = self.model.config.get_text_config().vocab_size
-        self._blank = blank_token_table(self._tokenizer, vocab).to(self.accelerator.device)
+        text_config = self.model.config.get_text_config()
+        self._blank = blank_token_table(self._tokenizer, text_config.vocab_size).to(
+            self.accelerator.device
+        )
         self._sampler = None if self.use_vllm else PagedSampler(self)
+        if self._sampler is not None:
+            _check_paged_sampler_model(text_config)
         weight_dtype = next(self.model.parameters()).dtype
         if self._sampler is not None and SAMPLER_DTYPES[args.sampler_dtype] == weight_dtype:
             warnings.warn(
@@ -1347,6 +1351,24 @@ class APPOTrainer(KernelGRPOTrainer):
             return super()._compute_loss(model, adjusted)
         finally:
             self._loss_stats = None
+
+
+def _check_paged_sampler_model(config) -> None:
+    """The paged sampler runs Llama / Qwen2-family models: full attention in every layer and no
+    logit soft-cap (a ``ValueError`` naming the config field otherwise; vLLM samples any)."""
+    layer_types = getattr(config, "layer_types", None) or ()
+    if any(kind != "full_attention" for kind in layer_types):
+        raise ValueError(
+            "branch_budget > 0 without vLLM samples on the paged KV cache, which needs full "
+            f"attention in every layer; the model config sets layer_types "
+            f"{sorted(set(layer_types))}: use vLLM (use_vllm=True)"
+        )
+    if lm_head_softcap(config) is not None:
+        raise ValueError(
+            "branch_budget > 0 without vLLM samples on the paged KV cache, which runs Llama / "
+            f"Qwen2-family models; the model config sets final_logit_softcapping="
+            f"{config.final_logit_softcapping!r}: use vLLM (use_vllm=True)"
+        )
 
 
 def _clamped_reference(reference: torch.Tensor, logps: torch.Tensor) -> torch.Tensor:
