@@ -360,6 +360,30 @@ def test_metrics_and_the_completions_table(tmp_path):
     assert not table["answered"].isna().any()
 
 
+def test_the_example_and_the_bench_run(tmp_path, monkeypatch, capsys):
+    """examples/trl/appo_tools.py (tiny Llama, a few cold-start steps) and bench/trl_appo.py
+    (tiny model, one pair of runs) end to end, in small settings."""
+    import importlib
+
+    script.appo_tools.main(
+        ["--steps", "1", "--cold-start-steps", "2", "--max-completion-length", "24"]
+    )
+    (entry,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert entry["appo/branches"] == 2 * 2  # two prompt groups of the batch of 8, B = 2
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    bench = importlib.import_module("trl_appo")
+    out = tmp_path / "bench.md"
+    bench.main(["--model", "tiny", "--steps", "2", "--repeats", "1", "--new-tokens", "24",
+                "--branch-tokens", "4", "--out", str(out)])  # fmt: skip
+    table = out.read_text()
+    for row in ("| APPO |", "| GRPO |", "| fork |", "| paged, re-prefill |",
+                "| generate, bf16 copy |", "| TRL generate |"):  # fmt: skip
+        assert row in table, row
+    fork = next(line for line in table.splitlines() if line.startswith("| fork |"))
+    assert fork.split(" | ")[2] == "2"  # one prefilled token per branch, two branches
+
+
 # ----------------------------------------------------------------------------------------------
 # bad input and helpers
 # ----------------------------------------------------------------------------------------------
