@@ -336,6 +336,31 @@ def test_a_float32_sampler_is_the_policy_itself_and_warns(tmp_path):
     assert entry["appo/logratio_abs_mean"] < 1e-4  # the same weights: only rounding
 
 
+def test_the_sampler_applies_trls_sampling_settings(tmp_path):
+    """temperature and top_k through transformers' own processors: every sampled token is in the
+    top-k set (ties included), and its behaviour log-prob is that of the processed distribution
+    (what vLLM's processed_logprobs report), recomputed here from the sampler's logits."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper
+
+    trainer = script.trainer(str(tmp_path), top_k=2, temperature=0.7, max_steps=1)
+    trainer.train()
+    initial, sampler = trainer.rounds[0].initial, trainer._sampler.policy.model
+    for prompt, ids, mask, logprobs in zip(initial.prompt_ids, initial.completion_ids,
+                                           initial.tool_mask, initial.logprobs):  # fmt: skip
+        with torch.no_grad():
+            logits = sampler(input_ids=torch.tensor([prompt + ids])).logits[0].float()
+        logits = logits[len(prompt) - 1 : -1]
+        context = torch.tensor([prompt + ids])
+        processed = TopKLogitsWarper(2)(context, TemperatureLogitsWarper(0.7)(context, logits))
+        want = processed.log_softmax(-1).gather(1, torch.tensor(ids)[:, None])[:, 0]
+        sampled = torch.tensor(mask, dtype=torch.bool)
+        assert torch.isfinite(want[sampled]).all()  # in the top-k set
+        torch.testing.assert_close(
+            torch.tensor(logprobs)[sampled], want[sampled], atol=2e-2, rtol=0
+        )
+    assert any(lp < -0.1 for lps in initial.logprobs for lp in lps)  # not all forced
+
+
 def test_metrics_and_the_completions_table(tmp_path):
     import pandas as pd
 
