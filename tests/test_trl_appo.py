@@ -175,6 +175,49 @@ def test_a_call_that_straddles_the_split_runs_with_the_branch_arguments(step):
     assert straddling >= 1 and between >= 1  # both cases occurred in this step
 
 
+def test_keep_selected_token_branches_after_the_point(tmp_path):
+    """keep_selected_token: the branch keeps the selected token (split = point + 1). A kept
+    end-of-turn token leaves nothing to sample in its turn: the turn's call runs (its output as
+    the parent's) and the branch samples from the next turn on. The first point is moved to such
+    a token (selection prefers high-entropy tokens, and an end of turn has almost none)."""
+
+    class EndOfTurnPoint(script.recording_trainer_class()):
+        def _branch_points(self, output):
+            plan = super()._branch_points(output)
+            eos, initial = self.processing_class.eos_token_id, self._round.initial
+            for row, (ids, mask) in enumerate(zip(initial.completion_ids, initial.tool_mask)):
+                ends = [t for t in range(len(ids) - 1) if ids[t] == eos and mask[t + 1] == 0]
+                if ends and row // 4 == plan["rows"][0] // 4:  # a row of the first group
+                    plan["rows"][0], plan["points"][0], plan["splits"][0] = (
+                        row,
+                        ends[0],
+                        ends[0] + 1,
+                    )
+                    return plan
+            raise AssertionError("no end of turn before a tool output in the first group")
+
+    model, tokenizer = script.scripted_policy()
+    trainer = EndOfTurnPoint(
+        model=model, reward_funcs=script.REWARDS, train_dataset=script.dataset(),
+        args=script.config(str(tmp_path), per_device_train_batch_size=8, branch_budget=4,
+                           keep_selected_token=True),
+        processing_class=tokenizer, tools=script.appo_tools.TOOLS,
+    )  # fmt: skip
+    trainer.model.train()
+    trainer._generate_and_score_completions(next(iter(trainer.get_train_dataloader())))
+    record = trainer.last_round
+    for branch in record.branches:
+        parent = record.initial.completion_ids[branch.parent]
+        assert branch.split == branch.point + 1
+        assert branch.completion_ids[: branch.split] == parent[: branch.split]
+    kept = record.branches[0]
+    parent_ids = record.initial.completion_ids[kept.parent]
+    output = kept.split  # the tool output right after the kept end of turn, as the parent's
+    assert kept.tool_mask[output : output + 2] == [0, 0] and kept.reused_prefix == 0
+    assert kept.completion_ids[output : output + 2] == parent_ids[output : output + 2]
+    assert 1 in kept.tool_mask[output + 2 :]  # the next turn was sampled
+
+
 def test_advantages_are_procedure_advantages_of_the_rewards_and_tree(step):
     trainer, inputs, output, record = step
     initial, plan, branches = record.initial, record.plan, record.branches

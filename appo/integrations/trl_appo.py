@@ -827,24 +827,28 @@ class APPOTrainer(KernelGRPOTrainer):
             branch.logprobs = logprobs[:split]
             branch.completion = completions
             branches.append(branch)
-        requests = [br.prompt_ids + br.completion_ids for br in branches]
-        budgets = [self.max_completion_length - br.split for br in branches]
+        # a kept token that ends its turn (keep_selected_token at an end-of-turn token) leaves
+        # nothing to sample in the turn: the tool loop takes the turn as it is
+        ends = set(self.eos_token_ids)
+        open_turns = [
+            br for br in branches if not br.completion_ids or br.completion_ids[-1] not in ends
+        ]
+        requests = [br.prompt_ids + br.completion_ids for br in open_turns]
         if self._sampler is not None:
-            if not branches:
-                return branches
-            streams = [_stream(*self._round.seed, "branch", br.index) for br in branches]
-            ids, logps = self._sampler.generate(requests, streams)
-            for br, reused in zip(branches, self._sampler.reused):
+            streams = [_stream(*self._round.seed, "branch", br.index) for br in open_turns]
+            ids, logps = self._sampler.generate(requests, streams) if requests else ([], [])
+            for br, reused in zip(open_turns, self._sampler.reused if requests else []):
                 br.reused_prefix = reused
         else:  # vLLM: token-id prompts (its prefix cache holds the parents' blocks); in server
-            # mode every process takes part in the call, with or without branches of its own
+            # mode every process takes part in the call, with or without requests of its own
             ids, logps = self._generate_single_turn(requests, None, {}, num_generations=1)
-            if not branches:
-                return branches
-        for br, new_ids, new_logps, budget in zip(branches, ids, logps, budgets):
+        for br, new_ids, new_logps in zip(open_turns, ids, logps):
+            budget = self.max_completion_length - br.split
             br.completion_ids = br.completion_ids + list(new_ids)[:budget]
             br.logprobs = br.logprobs + list(new_logps or [0.0] * len(new_ids))[:budget]
             br.tool_mask = br.tool_mask + [1] * (len(br.completion_ids) - len(br.tool_mask))
+        if not branches:
+            return branches
         self._continue_turns(branches)
         return branches
 
