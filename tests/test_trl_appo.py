@@ -7,7 +7,9 @@ points fall inside calls and between turns.
 - one APPO generation step: branch rows start with their parents' tokens, tool masks and
   behaviour log-probs up to the split; behaviour log-probs are the sampler's at every sampled
   token, tool output is masked with log-prob 0; a call that straddles the split runs with the
-  branch's own arguments; the advantages are ``procedure_advantages`` of the rewards and tree;
+  branch's own arguments; a kept end-of-turn token (``keep_selected_token``) runs its turn's
+  call; with ``environment_factory`` each branch's environment replays the parent's calls before
+  the split; the advantages are ``procedure_advantages`` of the rewards and tree;
 - ``torchrun --nproc_per_node 2`` (gloo, CPU) equals one process on the same global batch;
 - resuming from a checkpoint reproduces step 2; gradient accumulation (with TRL's π_old pass
   reused for branching), gradient checkpointing with bf16, PEFT LoRA with a KL and trained
@@ -216,6 +218,72 @@ def test_keep_selected_token_branches_after_the_point(tmp_path):
     assert kept.tool_mask[output : output + 2] == [0, 0] and kept.reused_prefix == 0
     assert kept.completion_ids[output : output + 2] == parent_ids[output : output + 2]
     assert 1 in kept.tool_mask[output + 2 :]  # the next turn was sampled
+
+
+class ShopEnvironment:
+    """A TRL environment whose methods are the tools; it records the calls it ran and rewards
+    their count (``get_reward``)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def reset(self, **example):
+        self.calls = []
+
+    def lookup(self, item: str) -> str:
+        """The price of one item.
+
+        Args:
+            item: The item's name.
+        """
+        self.calls.append(("lookup", item))
+        return script.appo_tools.lookup(item)
+
+    def calc(self, expression: str) -> str:
+        """Evaluates arithmetic.
+
+        Args:
+            expression: The expression.
+        """
+        self.calls.append(("calc", expression))
+        return script.appo_tools.calc(expression)
+
+    def get_reward(self) -> float:
+        return float(len(self.calls))
+
+
+def test_environment_factory_branches_replay_the_prefix_calls(tmp_path):
+    """With environment_factory, each branch gets its own instance from TRL's pool, reset with
+    its parent's example, the parent's calls of the turns before the split replayed, then its
+    own calls run; the environment's reward (TRL's get_reward column) scores the branch."""
+    model, tokenizer = script.scripted_policy()
+    trainer = script.recording_trainer_class()(
+        model=model, reward_funcs=[script.answered], train_dataset=script.dataset(),
+        args=script.config(str(tmp_path), per_device_train_batch_size=8, branch_budget=4),
+        processing_class=tokenizer, environment_factory=ShopEnvironment,
+    )  # fmt: skip
+    trainer.model.train()
+    trainer._generate_and_score_completions(next(iter(trainer.get_train_dataloader())))
+    record = trainer.last_round
+    replayed = 0
+    for branch, environment in zip(record.branches, record.environments):
+        messages = branch.completion
+        calls = [  # the calls that ran: those a tool message answers (not one past the limit)
+            (call["function"]["name"], next(iter(call["function"]["arguments"].values())))
+            for message, reply in zip(messages, messages[1:] + [{"role": "end"}])
+            if message["role"] == "assistant" and reply["role"] == "tool"
+            for call in message.get("tool_calls") or []
+        ]
+        assert environment.calls == calls
+        replayed += bool(branch.tool_mask[: branch.split].count(0))
+    assert replayed >= 1  # some branch split after a tool output: its earlier calls replayed
+    assert len({id(e) for e in record.environments}) == len(record.branches)
+    rows = len(record.initial.prompt_ids)
+    answered = script.answered(
+        [b.completion for b in record.branches], ["7"] * len(record.branches)
+    )
+    expected = torch.tensor([a + len(e.calls) for a, e in zip(answered, record.environments)])
+    torch.testing.assert_close(record.credit["rewards"][rows:].cpu(), expected.float())
 
 
 def test_advantages_are_procedure_advantages_of_the_rewards_and_tree(step):

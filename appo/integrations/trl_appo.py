@@ -465,7 +465,8 @@ class _Rows:
 
 @dataclass
 class _Branch:
-    """One branch row of this process: its parent's global row, split and inherited data."""
+    """One branch row of this process: where it branches and what it inherits, then its own
+    completion (ids, tool mask, log-probs, messages or text)."""
 
     index: int  # in the global plan
     parent: int  # global row of the parent
@@ -475,6 +476,7 @@ class _Branch:
     prompt_ids: list[int]
     inputs: dict
     environment: str | None
+    parent_completion: Any  # the parent's messages (or text)
     completion_ids: list[int] = field(default_factory=list)
     tool_mask: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -818,14 +820,21 @@ class APPOTrainer(KernelGRPOTrainer):
         branches = []
         for b in mine:
             row, split = plan["rows"][b], plan["splits"][b]
-            prompt, prompt_ids, completion_ids, tool_mask, logprobs, completions, x, env = records[
-                row
-            ]
-            branch = _Branch(b, row, plan["points"][b], split, prompt, prompt_ids, x, env)
-            branch.completion_ids = completion_ids[:split]
-            branch.tool_mask = tool_mask[:split]
-            branch.logprobs = logprobs[:split]
-            branch.completion = completions
+            prompt, prompt_ids, completion_ids, tool_mask, logprobs, messages, x, env = records[row]
+            branch = _Branch(
+                index=b,
+                parent=row,
+                point=plan["points"][b],
+                split=split,
+                prompt=prompt,
+                prompt_ids=prompt_ids,
+                inputs=x,
+                environment=env,
+                parent_completion=messages,
+                completion_ids=completion_ids[:split],
+                tool_mask=tool_mask[:split],
+                logprobs=logprobs[:split],
+            )
             branches.append(branch)
         # a kept token that ends its turn (keep_selected_token at an end-of-turn token) leaves
         # nothing to sample in the turn: the tool loop takes the turn as it is
@@ -893,7 +902,7 @@ class APPOTrainer(KernelGRPOTrainer):
         turns = {}
         for branch in branches:
             start, rounds = self._turn(branch)
-            parent_messages = branch.completion
+            parent_messages = branch.parent_completion
             branch.completion = self._parse_turn(branch, start)
             if not isinstance(branch.completion, dict):
                 continue  # plain text: no tool loop
@@ -1016,11 +1025,17 @@ class APPOTrainer(KernelGRPOTrainer):
         else:  # a process without a branch scores its first rollout, dropped
             initial = round_.initial
             filler = _Branch(
-                -1, -1, -1, -1, initial.prompts[0], initial.prompt_ids[0], round_.inputs[0], None
-            )
-            filler.completion_ids, filler.completion = (
-                initial.completion_ids[0],
-                initial.completions[0],
+                index=-1,
+                parent=-1,
+                point=-1,
+                split=-1,
+                prompt=initial.prompts[0],
+                prompt_ids=initial.prompt_ids[0],
+                inputs=round_.inputs[0],
+                environment=None,
+                parent_completion=None,
+                completion_ids=initial.completion_ids[0],
+                completion=initial.completions[0],
             )
             rows = [filler] * slots
             environments = [self.environments[0] if self.environments else None] * slots
