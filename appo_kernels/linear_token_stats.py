@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 
 from appo_kernels import validation
+from appo_kernels._ops import custom_op
 from appo_kernels.token_stats import (
     TokenStats,
     check_temperature,
@@ -114,7 +115,7 @@ def _chunk_plan(hidden, weight, bias, ids, ignore_index, chunk_size):
     return _chunks(n_kept, chunk_size, kept), logits_of
 
 
-@torch.library.custom_op("appo_kernels::linear_token_stats_fwd", mutates_args=())
+@custom_op("appo_kernels::linear_token_stats_fwd")
 def _linear_token_stats_fwd(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -145,7 +146,7 @@ def _(hidden, weight, bias, tokens, temperature, ignore_index, chunk_size):
     return tuple(hidden.new_empty(hidden.shape[0], dtype=torch.float32) for _ in range(4))
 
 
-@torch.library.custom_op("appo_kernels::linear_token_stats_bwd", mutates_args=())
+@custom_op("appo_kernels::linear_token_stats_bwd")
 def _linear_token_stats_bwd(
     hidden: torch.Tensor,
     weight: torch.Tensor,
