@@ -377,6 +377,12 @@ def _scaled_shift(chunk, row_max, inv_temp, out):
     return d if inv_temp == 1.0 else d.mul_(inv_temp)
 
 
+def _exp_terms(d, out):
+    """e^d after clamping ``d`` in place at the float32 minimum, so that a masked (-inf) entry
+    gives e^d = 0 and d e^d = 0 rather than 0 * (-inf)."""
+    return torch.exp(d.clamp_min_(_FLOAT32_MIN), out=out)
+
+
 def _in_vocab(y: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids clamped into [0, V) as [n, 1] gather/scatter columns, whether each id lies outside):
     an id outside the vocabulary is never used as an index (its log-prob is NaN, its one-hot
@@ -386,9 +392,9 @@ def _in_vocab(y: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _torch_forward(rows, tokens, temperature, ignore_index):
-    """Per chunk: m = max x, d = (x - m) / tau, logprob = d_y - log s (one gather), s = sum e^d
-    (a cascaded sum), p = e^d / s and entropy = sum -p log p (``torch.special.entr``: 0 where
-    p = 0, so a -inf logit needs no special case; its log-prob is -inf)."""
+    """Per chunk: m = max x, d = (x - m) / tau, logprob = d_y - log s (d_y gathered before the
+    clamp of ``_exp_terms``, so a -inf logit gives -inf), s = sum e^d and a = sum d e^d (d e^d in
+    place; both cascaded sums), entropy = log s - a / s."""
     vocab = rows.shape[2]
     inv_temp = 1.0 / temperature
     stats = ([], [], [], [])  # logprob, entropy, row_max, log_sum
@@ -399,10 +405,10 @@ def _torch_forward(rows, tokens, temperature, ignore_index):
         column, outside = _in_vocab(y, vocab)
         d = _scaled_shift(chunk, m, inv_temp, d)
         logprob = d.gather(-1, column).view(-1)
-        e = torch.exp(d, out=e)
-        total = e.sum(dim=-1, keepdim=True)
-        entropy = torch.special.entr(e.div_(total), out=e).sum(dim=-1)
-        log_s = total.view(-1).log()
+        e = _exp_terms(d, e)
+        total = e.sum(dim=-1)
+        log_s = total.log()
+        entropy = torch.addcdiv(log_s, d.mul_(e).sum(dim=-1), total, value=-1.0)
         logprob.sub_(log_s).masked_fill_(outside, float("nan"))
         logprob.masked_fill_(y == ignore_index, 0.0)
         for out, part in zip(stats, (logprob, entropy, m, log_s)):
@@ -420,7 +426,7 @@ def _torch_backward(rows, tokens, row_max, log_sum, entropy, grad_logprob, grad_
     for r0, chunk, d, p in _row_chunks(rows):
         r1 = r0 + chunk.shape[0]
         log_p = _scaled_shift(chunk, row_max[r0:r1], inv_temp, d).sub_(log_sum[r0:r1, None])
-        p = torch.exp(log_p.clamp_min_(_FLOAT32_MIN), out=p)
+        p = _exp_terms(log_p, p)
         g_lp = None
         if grad_logprob is not None:
             y = tokens[r0:r1]
