@@ -330,16 +330,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    device = torch.device(args.device)
-    rows = measure(cases(device), device, args.repeats, args.calls)
-    steps = None
-    if args.step:
-        dtype = DTYPES[args.step_dtype]
-        steps = measure_steps(
-            device, args.repeats, args.step_rows, args.step_hidden, args.step_vocab, dtype
-        )
-    emit_table(markdown(rows, steps, versions(device), args), args.out)
+    try:
+        device = torch.device(args.device)
+        rows = measure(cases(device), device, args.repeats, args.calls)
+        steps = None
+        if args.step:
+            dtype = DTYPES[args.step_dtype]
+            steps = measure_steps(
+                device, args.repeats, args.step_rows, args.step_hidden, args.step_vocab, dtype
+            )
+        emit_table(markdown(rows, steps, versions(device), args), args.out)
+    finally:
+        torch.set_num_threads(threads)
     return rows
 
 

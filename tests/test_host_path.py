@@ -11,27 +11,12 @@ import sys
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from utils import assert_rejects
+from utils import CustomOpCalls, assert_rejects
 
 import appo_kernels as ak
 from appo_kernels import validation
 
 B, T, V, H = 2, 6, 11, 5
-
-
-class OpCalls(TorchDispatchMode):
-    """Records the ``appo_kernels`` custom ops that reach the dispatcher (and, being a dispatch
-    mode, makes every op take the dispatcher path)."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "appo_kernels":
-            self.names.append(func.__name__.split(".")[0])
-        return func(*args, **(kwargs or {}))
 
 
 def spy_on_custom_ops(monkeypatch, fail: bool = False) -> list[str]:
@@ -83,7 +68,7 @@ def _every_op(gen):
 @pytest.mark.parametrize("case", [name for name, _ in _every_op(torch.Generator())])
 def test_direct_path_equals_the_custom_op(backend, gen, case):
     call = dict(_every_op(gen))[case]
-    with OpCalls() as calls:
+    with CustomOpCalls() as calls:
         through_op = call()
     assert calls.names, "the dispatch mode must route the call through the custom op"
     direct = call()
@@ -119,7 +104,7 @@ def test_direct_autograd_equals_the_custom_op(backend, gen, op):
         ((logprob * weights[0]).sum() + (entropy * weights[1]).sum()).backward()
         return [leaf.grad for leaf in leaves]
 
-    with OpCalls() as calls:
+    with CustomOpCalls() as calls:
         through_op = grads()
     assert f"{op}_bwd" in calls.names
     for a, b in zip(grads(), through_op, strict=True):
