@@ -35,7 +35,7 @@ from appo.advantages import procedure_advantages
 from appo.branching import BranchPlan, branch_candidates, plan_branches
 from appo.config import TrainConfig
 from appo.loss import KL_CLAMP, future_likelihood_scale, policy_loss
-from appo.model import prompt_ids
+from appo.model import lm_head_softcap, prompt_ids
 from appo.rollout import Rollout, RolloutBatch, RolloutConfig, RolloutEngine
 from appo.sampler import SAMPLER_DTYPES, SamplerPolicy
 from appo.tasks import Task, demonstration, reward, system_prompt
@@ -56,8 +56,9 @@ OMEGA_CLIP = 0.2  # Ω's clip ε (future_value's default), for the per-step Ω d
 def policy_token_stats(model: torch.nn.Module, batch: RolloutBatch) -> TokenStats:
     """Log-probs and entropies ``[R, T]`` of ``batch.tokens`` under ``model`` (differentiable),
     from the base model's final hidden states and the LM head through ``linear_token_stats``:
-    the ``[R, T, V]`` logits are never built. Any Llama / Qwen2-family causal LM (a base model
-    with ``last_hidden_state`` and a linear head, no logit scaling)."""
+    the ``[R, T, V]`` logits are never built. Any causal LM that :func:`check_policy_model`
+    accepts (a base model with ``last_hidden_state`` and a linear head); a soft-capped one
+    (``final_logit_softcapping``, Gemma 2) is scored on its capped logits, as it samples."""
     width, length = batch.prompt_width, batch.tokens.shape[1]
     hidden = model.base_model(
         input_ids=batch.input_ids,
@@ -65,25 +66,23 @@ def policy_token_stats(model: torch.nn.Module, batch: RolloutBatch) -> TokenStat
         position_ids=batch.position_ids,
     ).last_hidden_state[:, width - 1 : width - 1 + length]
     head = model.get_output_embeddings()
-    return linear_token_stats(hidden, head.weight, batch.tokens, bias=head.bias)
+    return linear_token_stats(
+        hidden, head.weight, batch.tokens, bias=head.bias, softcap=lm_head_softcap(model.config)
+    )
 
 
 def check_policy_model(model: torch.nn.Module) -> None:
     """A causal LM whose token statistics :func:`policy_token_stats` can take from hidden
-    states: a base model and a linear output head, and no logit scaling or soft-capping."""
+    states: a base model and a linear output head; a logit soft cap is fine (it is applied),
+    other logit transforms (``logit_scale`` and the like, where not 1.0) are refused
+    (``appo.model.lm_head_softcap``)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, torch.nn.Linear) or getattr(model, "base_model", model) is model:
         raise TypeError(
             f"model must be a transformers causal LM with a base model and a linear LM head "
             f"(Llama / Qwen2 families), got {type(model).__name__}"
         )
-    config = model.config
-    for name in ("final_logit_softcapping", "logit_scale", "logit_softcapping"):
-        if getattr(config, name, None) not in (None, 1.0):
-            raise ValueError(
-                f"model config sets {name}={getattr(config, name)}; the trainer takes log-probs "
-                "from the LM head without it (Llama / Qwen2 families)"
-            )
+    lm_head_softcap(model.config)
 
 
 @dataclass

@@ -10,9 +10,14 @@ skips it and computes the same thing (docs/design.md, section 2).
 
 The direct path is taken only when nothing could tell the difference: not while ``torch.compile``
 or ``torch.export`` traces, no ``TorchDispatchMode`` active (fake tensors, ``make_fx``, flop
-counters), no ``torch.func`` transform and no autocast active, and every tensor argument a plain
+counters), no ``torch.func`` transform active, and every tensor argument a plain
 ``torch.Tensor`` on a CPU or CUDA device (not a subclass such as ``FakeTensor`` or ``DTensor``,
-not ``meta``). When a gradient is needed it runs through a ``torch.autograd.Function`` built from
+not ``meta``). Autocast does not matter: no op registers an autocast rule (``linear_token_stats``
+casts its inputs in its public function and runs its chunks with autocast off), so the dispatcher
+would pass the call through unchanged; an op that gains such a rule must route autocast calls
+to the dispatcher here too (tests/test_host_path.py checks that none has one).
+
+When a gradient is needed the direct path runs through a ``torch.autograd.Function`` built from
 the same ``setup_context`` and ``backward`` as the custom op's autograd registration, so the two
 paths share every line of the op's math and its derivative. CUDA-graph capture behaves the same
 either way: the implementation is what a capture records in both.
@@ -26,16 +31,13 @@ import torch
 
 
 def _dispatcher_needed() -> bool:
-    """Whether something records, transforms or re-types the ops: ``torch.compile`` /
-    ``torch.export`` tracing, an active ``TorchDispatchMode`` (fake tensors, ``make_fx``, flop
-    counters), a ``torch.func`` transform, or autocast (an op's autocast registration acts only
-    through the dispatcher)."""
+    """Whether something records or transforms the ops: ``torch.compile`` / ``torch.export``
+    tracing, an active ``TorchDispatchMode`` (fake tensors, ``make_fx``, flop counters) or a
+    ``torch.func`` transform."""
     return (
         torch.compiler.is_compiling()
         or torch._C._len_torch_dispatch_stack() > 0
         or torch._C._are_functorch_transforms_active()
-        or torch.is_autocast_enabled("cuda")
-        or torch.is_autocast_enabled("cpu")
     )
 
 

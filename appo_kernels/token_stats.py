@@ -30,7 +30,10 @@ same math (a few MB of working space per chunk, independent of N * V);
 ``APPO_KERNELS_BACKEND=triton|torch`` forces one (on CPU, ``triton`` means Triton's interpreter).
 Both sit behind the ``torch.library`` custom ops ``appo_kernels::token_stats_fwd`` and
 ``appo_kernels::token_stats_bwd``, so ``torch.compile(fullgraph=True)`` and CUDA graphs capture
-them. ``linear_token_stats`` (hidden states and the LM head) reuses the row-level launchers.
+them. ``linear_token_stats`` (hidden states and the LM head) reuses the row-level launchers,
+which can also soft-cap each logit as they read it (``x <- c tanh(x / c)``, then the formulas
+above on the capped logits; backward multiplies ``dL/dx_j`` by ``1 - tanh^2(x_j / c)``, from the
+same load): the math is in ``linear_token_stats``'s docstring.
 
 Bad input: token ids outside ``[0, V)`` other than ``ignore_index`` raise ``ValueError`` (checked
 with one reduction, skipped while a CUDA graph is being captured; the kernels never read out of
@@ -97,15 +100,25 @@ if HAS_TRITON:
         return c * s, tl.where(c == 0.0, 0.0, c * (a + delta * s))
 
     @triton.jit
+    def _tanh(u):
+        """tanh(u) in float32 from e = exp(-2 |u|) in (0, 1]: no overflow, tanh(+-inf) = +-1,
+        NaN stays NaN (the interpreter has no libdevice tanh)."""
+        e = tl.exp(-2.0 * tl.abs(u))
+        t = (1.0 - e) / (1.0 + e)
+        return tl.where(u < 0, -t, t)
+
+    @triton.jit
     def _store_row_stats(row, m, s, a, x_row, tokens_ptr, logprob_ptr, entropy_ptr, row_max_ptr,
-                         log_sum_ptr, V, inv_temp, ignore_index):
+                         log_sum_ptr, V, inv_temp, ignore_index, softcap, SOFTCAP: tl.constexpr):
         """entropy = log s - a / s, logprob = (x_y - m) / tau - log s (one scalar load of
-        x[row, y]; 0 for ignore_index, NaN for an id outside [0, V), never read out of bounds);
-        m and log s are kept for the backward pass."""
+        x[row, y], soft-capped like the row; 0 for ignore_index, NaN for an id outside [0, V),
+        never read out of bounds); m and log s are kept for the backward pass."""
         log_s = tl.log(s)
         y = tl.load(tokens_ptr + row).to(tl.int64)
         in_range = (y >= 0) & (y < V)
         x_y = tl.load(x_row + y, mask=in_range, other=0.0).to(tl.float32)
+        if SOFTCAP:
+            x_y = softcap * _tanh(x_y / softcap)
         logprob = tl.where(in_range, (x_y - m) * inv_temp - log_s, float("nan"))
         logprob = tl.where(y == ignore_index, 0.0, logprob)
         tl.store(row_max_ptr + row, m)
@@ -124,15 +137,17 @@ if HAS_TRITON:
         V, T1, stride_outer, stride_inner,  # row layout: module docstring
         cols_per_split,  # vocabulary columns of one program (a multiple of BLOCK_V)
         inv_temp, ignore_index,
-        BLOCK_V: tl.constexpr, SPLIT: tl.constexpr,
+        softcap,  # c of the soft cap x <- c tanh(x / c) (when SOFTCAP)
+        BLOCK_V: tl.constexpr, SPLIT: tl.constexpr, SOFTCAP: tl.constexpr,
     ):
         """Program (row, split) streams columns [split * cols_per_split, ...) of one row in
         BLOCK_V chunks. It keeps the running maximum m as a scalar and the sums s, a as BLOCK_V-wide
         vectors (one lane per column slot), so each chunk costs one block reduction (its maximum)
         and the vectors are rescaled only in the rare chunks that raise m; the lanes are summed once
         at the end. The next chunk is loaded before the current one is reduced, so a load is in
-        flight while the program waits on the reduction. Without a split it writes the row's
-        statistics; with one it writes the partial (m, s, a) for the merge kernel."""
+        flight while the program waits on the reduction. With SOFTCAP each loaded logit is
+        soft-capped in registers first (columns past V stay -inf). Without a split it writes the
+        row's statistics; with one it writes the partial (m, s, a) for the merge kernel."""
         row = tl.program_id(0)
         split = tl.program_id(1)
         x_row = x_ptr + _row_offset(row, T1, stride_outer, stride_inner)
@@ -145,6 +160,8 @@ if HAS_TRITON:
         x_next = tl.load(x_row + cols, mask=cols < V, other=NEG_INF)
         for start in range(col_begin, col_end, BLOCK_V):
             x = x_next.to(tl.float32)
+            if SOFTCAP:
+                x = tl.where(cols < V, softcap * _tanh(x / softcap), NEG_INF)
             cols = start + BLOCK_V + tl.arange(0, BLOCK_V)
             x_next = tl.load(x_row + cols, mask=cols < V, other=NEG_INF)
             chunk_max = tl.max(x, axis=0)
@@ -163,14 +180,15 @@ if HAS_TRITON:
             tl.store(part_a_ptr + part, a)
         else:
             _store_row_stats(row, m, s, a, x_row, tokens_ptr, logprob_ptr, entropy_ptr,
-                             row_max_ptr, log_sum_ptr, V, inv_temp, ignore_index)
+                             row_max_ptr, log_sum_ptr, V, inv_temp, ignore_index, softcap,
+                             SOFTCAP)
 
     @triton.jit
     def _token_stats_merge_kernel(
         x_ptr, tokens_ptr, logprob_ptr, entropy_ptr, row_max_ptr, log_sum_ptr,  # as forward
         part_m_ptr, part_s_ptr, part_a_ptr,  # [N, num_splits] float32 partial states
-        V, T1, stride_outer, stride_inner, num_splits, inv_temp, ignore_index,
-        SPLITS_POW2: tl.constexpr,
+        V, T1, stride_outer, stride_inner, num_splits, inv_temp, ignore_index, softcap,
+        SPLITS_POW2: tl.constexpr, SOFTCAP: tl.constexpr,
     ):
         """Merges a row's partials: M = max m_i, then each (s_i, a_i) is rebased to M and
         summed; then writes the row's statistics."""
@@ -186,7 +204,7 @@ if HAS_TRITON:
         x_row = x_ptr + _row_offset(row, T1, stride_outer, stride_inner)
         _store_row_stats(row, m, tl.sum(s_i, axis=0), tl.sum(a_i, axis=0), x_row, tokens_ptr,
                          logprob_ptr, entropy_ptr, row_max_ptr, log_sum_ptr, V, inv_temp,
-                         ignore_index)
+                         ignore_index, softcap, SOFTCAP)
 
     @triton.jit
     def _token_stats_bwd_kernel(
@@ -195,13 +213,15 @@ if HAS_TRITON:
         row_max_ptr, log_sum_ptr, entropy_ptr,  # [N] float32 saved by the forward pass
         grad_logprob_ptr, grad_entropy_ptr,  # [N] float32 upstream gradients (when HAS_*)
         dx_ptr,  # [N, V] out, logits dtype, contiguous; may be x_ptr itself (in place)
-        V, T1, stride_outer, stride_inner, cols_per_split, inv_temp, ignore_index,
+        V, T1, stride_outer, stride_inner, cols_per_split, inv_temp, ignore_index, softcap,
         HAS_GRAD_LOGPROB: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+        SOFTCAP: tl.constexpr,
     ):
         """dx_j = (1/tau) [g_lp (1[j = y] - p_j) - g_H p_j (d_j - log s + H)] with
         d_j = (x_j - m) / tau and p_j = e^(d_j - log s); program (row, split) streams its
-        columns once (read x, write dx). Each element is read before it is written, so dx may
-        alias x."""
+        columns once (read x, write dx). With SOFTCAP, x_j is first replaced by c t_j,
+        t_j = tanh(x_j / c), and dx_j multiplied by 1 - t_j^2 (all from the one load). Each
+        element is read before it is written, so dx may alias x."""
         row = tl.program_id(0)
         split = tl.program_id(1)
         x_row = x_ptr + _row_offset(row, T1, stride_outer, stride_inner)
@@ -225,10 +245,15 @@ if HAS_TRITON:
             cols = start + tl.arange(0, BLOCK_V)
             mask = cols < V
             x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+            if SOFTCAP:
+                t = _tanh(x / softcap)
+                x = softcap * t
             centred = (x - m) * inv_temp - log_s  # log p_j
             p = tl.exp(centred)
             centred = tl.where(p == 0.0, 0.0, centred + entropy)  # no 0 * (-inf)
             dz = tl.where(cols == y, g_lp, 0.0) - p * (g_lp + g_h * centred)
+            if SOFTCAP:
+                dz = dz * (1.0 - t * t)
             tl.store(dx_row + cols, (dz * inv_temp).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -300,7 +325,7 @@ def _kernel_rows(rows: torch.Tensor) -> tuple[int, int, int]:
     return inner, rows.stride(0), rows.stride(1)
 
 
-def _triton_forward(rows, tokens, temperature, ignore_index, block_v, num_splits):
+def _triton_forward(rows, tokens, temperature, ignore_index, block_v, num_splits, softcap):
     outer, inner, vocab = rows.shape
     n_rows = outer * inner
     cfg = _launch_config(n_rows, vocab, rows.dtype, rows.device, block_v, num_splits)
@@ -314,19 +339,21 @@ def _triton_forward(rows, tokens, temperature, ignore_index, block_v, num_splits
         _token_stats_fwd_kernel[(n_rows, cfg.num_splits)](
             rows, tokens, logprob, entropy, row_max, log_sum, parts[0], parts[1], parts[2],
             vocab, T1, stride_outer, stride_inner, cfg.cols_per_split, 1.0 / temperature,
-            ignore_index, BLOCK_V=cfg.block_v, SPLIT=split, num_warps=cfg.num_warps,
+            ignore_index, softcap or 1.0, BLOCK_V=cfg.block_v, SPLIT=split,
+            SOFTCAP=softcap is not None, num_warps=cfg.num_warps,
         )  # fmt: skip
         if split:
             _token_stats_merge_kernel[(n_rows,)](
                 rows, tokens, logprob, entropy, row_max, log_sum, parts[0], parts[1], parts[2],
                 vocab, T1, stride_outer, stride_inner, cfg.num_splits, 1.0 / temperature,
-                ignore_index, SPLITS_POW2=triton.next_power_of_2(cfg.num_splits), num_warps=1,
+                ignore_index, softcap or 1.0, SPLITS_POW2=triton.next_power_of_2(cfg.num_splits),
+                SOFTCAP=softcap is not None, num_warps=1,
             )  # fmt: skip
     return logprob, entropy, row_max, log_sum
 
 
 def _triton_backward(rows, tokens, row_max, log_sum, entropy, grad_logprob, grad_entropy,
-                     temperature, ignore_index, block_v, num_splits, out):  # fmt: skip
+                     temperature, ignore_index, block_v, num_splits, softcap, out):  # fmt: skip
     outer, inner, vocab = rows.shape
     cfg = _launch_config(
         outer * inner, vocab, rows.dtype, rows.device, block_v, num_splits, BACKWARD
@@ -338,9 +365,9 @@ def _triton_backward(rows, tokens, row_max, log_sum, entropy, grad_logprob, grad
             grad_logprob if grad_logprob is not None else entropy,
             grad_entropy if grad_entropy is not None else entropy,
             out, vocab, T1, stride_outer, stride_inner, cfg.cols_per_split, 1.0 / temperature,
-            ignore_index, HAS_GRAD_LOGPROB=grad_logprob is not None,
+            ignore_index, softcap or 1.0, HAS_GRAD_LOGPROB=grad_logprob is not None,
             HAS_GRAD_ENTROPY=grad_entropy is not None, BLOCK_V=cfg.block_v,
-            num_warps=cfg.num_warps,
+            SOFTCAP=softcap is not None, num_warps=cfg.num_warps,
         )  # fmt: skip
     return out
 
@@ -353,22 +380,34 @@ _TORCH_CHUNK_BYTES = 4 << 20  # float32 working set of one chunk of rows
 _FLOAT32_MIN = torch.finfo(torch.float32).min
 
 
-def _row_chunks(rows: torch.Tensor):
+def _capped(chunk: torch.Tensor, softcap: float, out: torch.Tensor | None) -> torch.Tensor:
+    """``softcap * tanh(chunk / softcap)`` in float32, into the work buffer ``out`` when given
+    (never in the logits themselves: the backward pass reuses it)."""
+    x = chunk.to(torch.float32, copy=True) if out is None else out.copy_(chunk)
+    return x.div_(softcap).tanh_().mul_(softcap)
+
+
+def _row_chunks(rows: torch.Tensor, softcap: float | None = None):
     """Yields ``(first_row, chunk, d, e)`` over the [R, T1, V] row view, a few MB of rows at a
-    time: ``chunk`` an [n, V] view of the logits, ``d`` and ``e`` two float32 [n, V] work buffers
-    for ``out=`` (allocated once per call and reused, so no chunk pays for fresh pages; None when
-    the rows fit in one chunk, so that the ops allocate their results themselves)."""
+    time: ``chunk`` an [n, V] view of the logits (with ``softcap``, a float32 buffer holding
+    ``softcap * tanh(logits / softcap)`` instead), ``d`` and ``e`` two float32 [n, V] work
+    buffers for ``out=`` (allocated once per call and reused, so no chunk pays for fresh pages;
+    None when the rows fit in one chunk, so that the ops allocate their results themselves)."""
     outer, inner, vocab = rows.shape
     step = max(1, min(inner, _TORCH_CHUNK_BYTES // (4 * vocab)))
     if outer == 1 and step == inner:
-        yield 0, rows[0], None, None
+        chunk = rows[0]
+        yield 0, (chunk if softcap is None else _capped(chunk, softcap, None)), None, None
         return
-    d, e = (torch.empty((step, vocab), device=rows.device, dtype=torch.float32) for _ in "de")
+    work = torch.empty((2 + (softcap is not None), step, vocab), device=rows.device,
+                       dtype=torch.float32)  # fmt: skip
     for i in range(outer):
         for t in range(0, inner, step):
             chunk = rows[i, t : t + step]
             n = chunk.shape[0]
-            yield i * inner + t, chunk, (d if n == step else d[:n]), (e if n == step else e[:n])
+            if softcap is not None:
+                chunk = _capped(chunk, softcap, work[2, :n])
+            yield i * inner + t, chunk, work[0, :n], work[1, :n]
 
 
 def _scaled_shift(chunk, row_max, inv_temp, out):
@@ -391,14 +430,15 @@ def _in_vocab(y: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     return column[:, None], column != y
 
 
-def _torch_forward(rows, tokens, temperature, ignore_index):
-    """Per chunk: m = max x, d = (x - m) / tau, logprob = d_y - log s (d_y gathered before the
-    clamp of ``_exp_terms``, so a -inf logit gives -inf), s = sum e^d and a = sum d e^d (d e^d in
-    place; both cascaded sums), entropy = log s - a / s."""
+def _torch_forward(rows, tokens, temperature, ignore_index, softcap=None):
+    """Per chunk (soft-capped first when ``softcap`` is given): m = max x, d = (x - m) / tau,
+    logprob = d_y - log s (d_y gathered before the clamp of ``_exp_terms``, so a -inf logit gives
+    -inf), s = sum e^d and a = sum d e^d (d e^d in place; both cascaded sums), entropy =
+    log s - a / s."""
     vocab = rows.shape[2]
     inv_temp = 1.0 / temperature
     stats = ([], [], [], [])  # logprob, entropy, row_max, log_sum
-    for r0, chunk, d, e in _row_chunks(rows):
+    for r0, chunk, d, e in _row_chunks(rows, softcap):
         n = chunk.shape[0]
         y = tokens if n == tokens.shape[0] else tokens[r0 : r0 + n]
         m = chunk.amax(dim=-1).float()  # NaN propagates
@@ -417,13 +457,15 @@ def _torch_forward(rows, tokens, temperature, ignore_index):
 
 
 def _torch_backward(rows, tokens, row_max, log_sum, entropy, grad_logprob, grad_entropy,
-                    temperature, ignore_index, out):  # fmt: skip
+                    temperature, ignore_index, out, softcap=None):  # fmt: skip
     """With log p = d - log s, clamped at the float32 minimum (so that a masked -inf entry
     gives p = 0 and a finite bracket below, never 0 * (-inf)), and p = e^(log p):
-    dz = -(g_H / tau) p (log p + H) - (g_lp / tau) p, plus g_lp / tau at y."""
+    dz = -(g_H / tau) p (log p + H) - (g_lp / tau) p, plus g_lp / tau at y. With ``softcap`` c,
+    the chunk holds the capped logits c t (t = tanh(x / c)) and dz is multiplied by
+    1 - t^2 = 1 - (chunk / c)^2."""
     vocab = rows.shape[2]
     inv_temp = 1.0 / temperature
-    for r0, chunk, d, p in _row_chunks(rows):
+    for r0, chunk, d, p in _row_chunks(rows, softcap):
         r1 = r0 + chunk.shape[0]
         log_p = _scaled_shift(chunk, row_max[r0:r1], inv_temp, d).sub_(log_sum[r0:r1, None])
         p = _exp_terms(log_p, p)
@@ -442,6 +484,8 @@ def _torch_backward(rows, tokens, row_max, log_sum, entropy, grad_logprob, grad_
         if g_lp is not None:
             column, outside = _in_vocab(y, vocab)
             dz.scatter_add_(-1, column, g_lp.masked_fill_(outside[:, None], 0.0))
+        if softcap is not None:  # the chunk is a work buffer: its capped logits become 1 - t^2
+            dz.mul_(chunk.div_(softcap).square_().neg_().add_(1.0))
         out[r0:r1] = dz
     return out
 
@@ -482,23 +526,27 @@ def _row_view(logits: torch.Tensor) -> torch.Tensor:
     return logits.as_strided((outer, inner, vocab), (outer_stride, inner_stride, 1))
 
 
-def rows_forward(rows, tokens, temperature, ignore_index, block_v=0, num_splits=0):
+def rows_forward(rows, tokens, temperature, ignore_index, block_v=0, num_splits=0, softcap=None):
     """Statistics of a [R, T1, V] row view (``tokens``: [N] int64, N = R * T1) on the backend of
-    its device: float32 ``(logprob, entropy, row_max, log_sum)``, each [N]."""
+    its device: float32 ``(logprob, entropy, row_max, log_sum)``, each [N]. With ``softcap`` c,
+    of the soft-capped logits ``c * tanh(x / c)`` (``row_max`` is then the capped maximum)."""
     if use_triton(rows.device):
-        return _triton_forward(rows, tokens, temperature, ignore_index, block_v, num_splits)
-    return _torch_forward(rows, tokens, temperature, ignore_index)
+        return _triton_forward(rows, tokens, temperature, ignore_index, block_v, num_splits,
+                               softcap)  # fmt: skip
+    return _torch_forward(rows, tokens, temperature, ignore_index, softcap)
 
 
 def rows_backward(rows, tokens, row_max, log_sum, entropy, grad_logprob, grad_entropy,
-                  temperature, ignore_index, out, block_v=0, num_splits=0):  # fmt: skip
+                  temperature, ignore_index, out, block_v=0, num_splits=0,
+                  softcap=None):  # fmt: skip
     """Writes the logits gradient of a [R, T1, V] row view into ``out`` ([N, V], contiguous,
     the logits dtype; ``out`` may be the row storage itself when that is contiguous) and
-    returns it. ``grad_logprob`` / ``grad_entropy`` are [N] float32 or None."""
+    returns it. ``grad_logprob`` / ``grad_entropy`` are [N] float32 or None. With ``softcap``,
+    the gradient with respect to the raw logits, through the soft cap."""
     args = (rows, tokens, row_max, log_sum, entropy, grad_logprob, grad_entropy, temperature)
     if use_triton(rows.device):
-        return _triton_backward(*args, ignore_index, block_v, num_splits, out)
-    return _torch_backward(*args, ignore_index, out)
+        return _triton_backward(*args, ignore_index, block_v, num_splits, softcap, out)
+    return _torch_backward(*args, ignore_index, out, softcap)
 
 
 # --------------------------------------------------------------------------------------------

@@ -332,6 +332,57 @@ def test_linear_token_stats_matches_float64(dtype, chunk_size):
         assert_close_scaled(g, w, rel=1e-4 if dtype == torch.float32 else 5e-2)
 
 
+def test_linear_token_stats_soft_cap_matches_float64():
+    """The compiled kernels' in-register soft cap (forward and in-place backward), bf16 chunks of
+    a real vocabulary size, against float64 on the CPU."""
+    gen = torch.Generator().manual_seed(4)
+    rows, dim, vocab, cap = 700, 128, 32007, 8.0
+    hidden = torch.randn(rows, dim, generator=gen)
+    weight = torch.randn(vocab, dim, generator=gen) / dim**0.5 * 12  # logits past the cap
+    tokens = torch.randint(0, vocab, (rows,), generator=gen)
+    tokens[::7] = -100
+    g_lp, g_h = torch.randn(2, rows, generator=gen)
+
+    def run(device, dtype, fn):
+        leaves = [t.to(device, dtype).requires_grad_() for t in (hidden, weight)]
+        lp, h = fn(*leaves, tokens.to(device))
+        torch.autograd.backward((lp, h), (g_lp.to(device), g_h.to(device)))
+        return (lp, h, *(t.grad for t in leaves))
+
+    got = run(CUDA, torch.bfloat16, lambda h, w, y: ak.linear_token_stats(
+        h, w, y, chunk_size=256, softcap=cap))  # fmt: skip
+    want = run("cpu", torch.float64, lambda h, w, y: reference_linear(h, w, y, softcap=cap))
+    for g, w in zip(got[:2], want[:2]):
+        assert (g.cpu().double() - w).abs().max() <= 0.3
+    for g, w in zip(got[2:], want[2:]):
+        assert g.dtype == torch.bfloat16
+        assert_close_scaled(g, w, rel=5e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_linear_token_stats_under_cuda_autocast(dtype):
+    """Inside torch.autocast("cuda", dtype) with float32 inputs and ignored rows: forward and
+    backward run on the inputs cast to the autocast dtype (as linear does), float32 gradients."""
+    gen = torch.Generator().manual_seed(5)
+    rows, dim, vocab = 300, 64, 5003
+    hidden = torch.randn(rows, dim, generator=gen).to(CUDA)
+    weight = (torch.randn(vocab, dim, generator=gen) / dim**0.5 * 3).to(CUDA)
+    tokens = torch.randint(0, vocab, (rows,), generator=gen).to(CUDA)
+    tokens[::4] = -100
+    g_lp, g_h = torch.randn(2, rows, generator=gen).to(CUDA)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight)]
+    with torch.autocast("cuda", dtype):
+        lp, h = ak.linear_token_stats(*leaves, tokens, chunk_size=128)
+        torch.autograd.backward((lp, h), (g_lp, g_h))
+    cast = [t.to(dtype).requires_grad_() for t in (hidden, weight)]
+    want = ak.linear_token_stats(*cast, tokens, chunk_size=128)
+    torch.autograd.backward(tuple(want), (g_lp, g_h))
+    assert torch.equal(lp, want.logprob) and torch.equal(h, want.entropy)
+    for leaf, ref in zip(leaves, cast):
+        assert leaf.grad.dtype == torch.float32
+        assert_close_scaled(leaf.grad, ref.grad.float(), rel=1e-6)
+
+
 def test_linear_token_stats_torch_compile_inductor():
     gen = torch.Generator().manual_seed(3)
     hidden = torch.randn(300, 64, generator=gen).to(CUDA, torch.bfloat16)

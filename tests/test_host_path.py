@@ -144,12 +144,27 @@ def test_fake_and_meta_tensors_use_the_fakes(gen, monkeypatch):
     assert called == ["token_stats_fwd", "branching_score_from_stats", "token_stats_fwd"]
 
 
-def test_autocast_goes_through_the_custom_op(gen, monkeypatch):
-    called = spy_on_custom_ops(monkeypatch)
+def test_autocast_takes_the_direct_path_with_the_same_result(gen, monkeypatch):
+    """No op registers an autocast rule (the dispatcher would pass autocast calls through
+    unchanged), so calls inside ``torch.autocast`` stay on the direct path and give what the
+    custom op gives there; ``linear_token_stats`` casts its inputs itself."""
+    for name in torch._C._dispatch_get_all_op_names():
+        if name.startswith("appo_kernels::"):
+            for key in ("AutocastCPU", "AutocastCUDA"):
+                assert not torch._C._dispatch_has_kernel_for_dispatch_key(name, key), (name, key)
     logits, tokens, _, _ = _inputs(gen)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        ak.token_stats(logits, tokens)
-    assert called == ["token_stats_fwd"]
+    hidden, head = torch.randn(B, T, H, generator=gen), torch.randn(V, H, generator=gen)
+
+    def calls():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return [*ak.token_stats(logits, tokens), *ak.linear_token_stats(hidden, head, tokens)]
+
+    with CustomOpCalls():
+        through_op = calls()
+    called = spy_on_custom_ops(monkeypatch)
+    for a, b in zip(calls(), through_op, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert called == []
 
 
 def test_each_argument_is_checked_once(gen, monkeypatch):
