@@ -36,8 +36,9 @@ above on the capped logits; backward multiplies ``dL/dx_j`` by ``1 - tanh^2(x_j 
 same load): the math is in ``linear_token_stats``'s docstring.
 
 Bad input: token ids outside ``[0, V)`` other than ``ignore_index`` raise ``ValueError`` (checked
-with one reduction, skipped while a CUDA graph is being captured; the kernels never read out of
-bounds and give NaN log-probs for such ids). A NaN in a row gives NaN in that row only. A row
+with four small ops and one host sync, skipped while a CUDA graph is being captured and inside
+``appo_kernels.token_id_checks(False)``; the kernels never read out of bounds and give NaN
+log-probs for such ids). A NaN in a row gives NaN in that row only. A row
 whose logits are all ``-inf`` has no distribution and gives NaN. The temperature must lie in
 ``[1e-30, 1e30]`` (so that ``1 / tau`` is a normal float32).
 """
