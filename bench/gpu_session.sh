@@ -80,7 +80,7 @@ for section in "${sections[@]}"; do
       python bench/overhead.py --device cuda --step --out "$out/overhead_$name.md" 2>&1 | tail -25 ;;
     token)
       step "token_stats"
-      python bench/token_stats.py --device cuda --vocabs 131072 151936 --rows 4096 16384 \
+      python bench/token_stats.py --device cuda --vocabs 131072 151936 --rows 4096 16384 --repeats 10 \
         --out "$out/token_stats_$name.md" 2>&1 | tail -60 ;;
     linear)
       step "linear_token_stats"
