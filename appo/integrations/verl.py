@@ -273,8 +273,9 @@ def appo_advantage(
     **unused: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """verl advantage estimator ``"appo"``: (advantages, returns), both the token advantages of
-    docs/design.md section 8, ``[R, T]`` float32 (branch rows get 0: drop them before the update
-    with ``is_branch_row``). ``index`` is verl's ``uid`` column (module docstring)."""
+    docs/design.md section 8, ``[R, T]`` float32. ``index`` is verl's ``uid`` column (module
+    docstring). Branch rows get 0 (drop them before the update with ``is_branch_row``) unless
+    ``config`` (``algorithm``) sets ``appo_train_branches``, which gives them their own ``Â_b``."""
     check_loss_inputs(
         {"token_level_rewards": token_level_rewards}, response_mask, mask_name="response_mask"
     )
@@ -285,8 +286,15 @@ def appo_advantage(
     group_ids, is_branch, parent, split = (
         x.to(device) for x in _parse_uids(index, response_mask.shape[-1])
     )
+    train_branches = config is not None and bool(config.get("appo_train_branches", False))
     advantages = procedure_advantages(
-        token_level_rewards.sum(dim=-1), group_ids, is_branch, parent, split, response_mask
+        token_level_rewards.sum(dim=-1),
+        group_ids,
+        is_branch,
+        parent,
+        split,
+        response_mask,
+        train_branches=train_branches,
     )
     return advantages, advantages
 
@@ -552,6 +560,7 @@ def select_branches(
     batch: DataProto,
     budget: int,
     *,
+    rule: str = "appo",
     keep_selected_token: bool = False,
     gamma: float = 1.0,
     clip: float = 0.2,
@@ -578,6 +587,8 @@ def select_branches(
             ``<uid>#appo:<k>:<split>``, from an earlier call) is refused: their parent and split
             would be lost; drop them first (``is_branch_row``).
         budget: branch points per prompt group (>= 1).
+        rule: the branch-point rule, a name in ``appo.branching.RULES`` (docs/design.md section
+            7.1a); ``"appo"`` is the Branching Score described above.
         keep_selected_token: keep the chosen token and re-sample from the next one (the paper
             code's variant); a row's last generated token is then never chosen.
         gamma, clip: future-value discount and clip (docs/design.md section 5).
@@ -600,7 +611,7 @@ def select_branches(
 
     blank = _blank_table(exclude_token_ids, responses)
     plan = plan_branches(
-        "appo",
+        rule,
         entropy=entropy,
         logprob=log_prob,
         behavior_logprob=rollout_log_prob,
