@@ -50,6 +50,7 @@ from __future__ import annotations
 import torch
 
 from appo_kernels import validation
+from appo_kernels._ops import custom_op
 from appo_kernels.token_stats import (
     TEMPERATURE_RANGE,
     TokenStats,
@@ -136,7 +137,12 @@ def _chunk_plan(hidden, weight, bias, ids, ignore_index, chunk_size):
     return _chunks(n_kept, chunk_size, kept), logits_of
 
 
-@torch.library.custom_op("appo_kernels::linear_token_stats_fwd", mutates_args=())
+def _zero_stats(hidden: torch.Tensor) -> list[torch.Tensor]:
+    """The four float32 [N] forward outputs, 0 until chunks are written into them."""
+    return [hidden.new_zeros(hidden.shape[0], dtype=torch.float32) for _ in range(4)]
+
+
+@custom_op("appo_kernels::linear_token_stats_fwd")
 def _linear_token_stats_fwd(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -151,7 +157,7 @@ def _linear_token_stats_fwd(
     row_max, log_sum), each [N]; 0 on ignored rows."""
     ids = flat_ids(tokens)
     check_token_ids(ids, weight.shape[0], ignore_index)
-    stats = [hidden.new_zeros(hidden.shape[0], dtype=torch.float32) for _ in range(4)]
+    stats = None  # the [N] outputs, zero on ignored rows, made when a chunk is not all of them
     with _no_autocast(hidden.device):
         chunks, logits_of = _chunk_plan(hidden, weight, bias, ids, ignore_index, chunk_size)
         for r0, r1, index in chunks:
@@ -160,9 +166,12 @@ def _linear_token_stats_fwd(
                 logits.unsqueeze(0), _take(ids, r0, r1, index), temperature, ignore_index,
                 softcap=softcap,
             )  # fmt: skip
+            if index is None and r1 - r0 == hidden.shape[0]:
+                return chunk_stats  # one chunk of every row: its statistics are the outputs
+            stats = stats or _zero_stats(hidden)
             for full, part in zip(stats, chunk_stats):
                 _put(full, r0, r1, index, part)
-    return tuple(stats)
+    return tuple(stats or _zero_stats(hidden))
 
 
 @_linear_token_stats_fwd.register_fake
@@ -170,7 +179,7 @@ def _(hidden, weight, bias, tokens, temperature, ignore_index, chunk_size, softc
     return tuple(hidden.new_empty(hidden.shape[0], dtype=torch.float32) for _ in range(4))
 
 
-@torch.library.custom_op("appo_kernels::linear_token_stats_bwd", mutates_args=())
+@custom_op("appo_kernels::linear_token_stats_bwd")
 def _linear_token_stats_bwd(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -394,15 +403,18 @@ def linear_token_stats(
         hidden, weight, tokens, bias, temperature, ignore_index, chunk_size
     )
     softcap = check_softcap(softcap)
-    lead = hidden.shape[:-1]
+    rows = hidden.dim() == 2  # already [N, H]: no reshapes
     logprob, entropy, _, _ = _linear_token_stats_fwd(
-        hidden.reshape(-1, hidden.shape[-1]),
+        hidden if rows else hidden.reshape(-1, hidden.shape[-1]),
         weight,
         bias,
-        tokens.reshape(-1),
+        tokens if rows else tokens.reshape(-1),
         temperature,
         ignore_index,
         chunk_size or 0,
         softcap,
     )
+    if rows:
+        return TokenStats(logprob, entropy)
+    lead = tuple(hidden.shape[:-1])
     return TokenStats(logprob.view(lead), entropy.view(lead))
