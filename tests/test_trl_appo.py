@@ -341,7 +341,7 @@ def test_two_processes_equal_one_on_the_same_global_batch(tmp_path):
     (one,) = _run_script(tmp_path / "one.json", processes=1, per_device=4)
     for rank in ranks:
         assert rank["points"] == one["points"]
-        for key in ("rewards", "advantages", "loss", "reward", "branch_reward"):
+        for key in ("rewards", "advantages", "loss", "reward", "branch_reward", "grad_norm"):
             torch.testing.assert_close(
                 torch.tensor(rank[key]), torch.tensor(one[key]), rtol=0, atol=1e-5, msg=key
             )

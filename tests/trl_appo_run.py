@@ -233,6 +233,7 @@ def summary(run) -> dict:
         "loss": [entry["loss"] for entry in logs],
         "reward": [entry["reward"] for entry in logs],
         "branch_reward": [entry["appo/reward_branches"] for entry in logs],
+        "grad_norm": [entry["grad_norm"] for entry in logs],
     }
 
 
@@ -244,7 +245,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as output_dir:
-        run = trainer(output_dir, per_device_train_batch_size=args.per_device, max_steps=args.steps)
+        # plain SGD: Adam's first step is sign(gradient) * lr, which turns the rounding
+        # differences between a two-process gradient average and a one-process gradient on
+        # near-zero gradients into lr-sized weight differences (and so into different bf16
+        # samples); with SGD the runs' weights differ by rounding only
+        run = trainer(
+            output_dir,
+            per_device_train_batch_size=args.per_device,
+            max_steps=args.steps,
+            optim="sgd",
+            learning_rate=0.1,
+        )
         run.train()
     rank = int(os.environ.get("RANK", "0"))
     out = Path(args.out)
