@@ -7,7 +7,8 @@ re-sampled an initial rollout from a token position ``split`` on (they share its
     Â_i = (R_i - mean) / (std_population + 1e-6)          (a set of one gets 0)
 
 (``std="sample"`` uses the n − 1 standard deviation instead, as verl's GRPO estimator and the
-APPO paper's code do; a set of one still gets 0.)
+APPO paper's code do; a set of one still gets 0. ``std="none"`` keeps ``R_i − mean`` unscaled, as
+Dr. GRPO and TRL's ``scale_rewards="none"`` do.)
 
 A branch's advantage is credited to the procedure that led to its branch point, the shared prefix of
 the rollout it came from. For an initial row ``i`` and token ``t``::
@@ -84,7 +85,7 @@ def _validate(rewards, group_ids, is_branch, parent, split, response_mask) -> No
         )
 
 
-STD_CONVENTIONS = ("population", "sample")
+STD_CONVENTIONS = ("population", "sample", "none")
 
 
 def group_normalized_rewards(
@@ -94,7 +95,7 @@ def group_normalized_rewards(
     std: str = "population",
 ) -> torch.Tensor:
     """``Â_i`` per (group, kind), in float64: ``(R - mean) / (std + 1e-6)``, with the population
-    (divide by n) or ``"sample"`` (n − 1) standard deviation."""
+    (divide by n) or ``"sample"`` (n − 1) standard deviation; ``"none"``: ``R - mean``."""
     keys = torch.stack([group_ids.long(), is_branch.long()], dim=1)
     _, set_of = torch.unique(keys, dim=0, return_inverse=True)
     num_sets = int(set_of.max()) + 1 if set_of.numel() else 0
@@ -103,6 +104,8 @@ def group_normalized_rewards(
     count.index_add_(0, set_of, torch.ones_like(r))
     mean = torch.zeros_like(count).index_add_(0, set_of, r) / count
     deviation = r - mean[set_of]
+    if std == "none":
+        return deviation
     squares = torch.zeros_like(count).index_add_(0, set_of, deviation * deviation)
     variance = squares / (count if std == "population" else (count - 1).clamp_min(1))
     return deviation / (variance.sqrt()[set_of] + NORM_EPS)
@@ -132,7 +135,8 @@ def procedure_advantages(
         response_mask: ``[R, T]`` {0, 1}: the tokens the policy generated (not prompt, tool
             output or padding).
         train_branches: give branch rows their own ``Â_b`` instead of 0.
-        std: ``"population"`` (the default) or ``"sample"`` (n − 1, verl's) standard deviation.
+        std: ``"population"`` (the default) or ``"sample"`` (n − 1, verl's) standard deviation,
+            or ``"none"`` (no scaling).
     """
     _validate(rewards, group_ids, is_branch, parent, split, response_mask)
     if std not in STD_CONVENTIONS:

@@ -52,7 +52,7 @@ class TrainConfig:
     # Where the APPO paper's code differs from the design's formulas (docs/design.md, 15).
     clamp_kl: bool = True  # k3 KL per token clamped to [-10, 10] (verl, the paper's code)
     drop_dual_clipped_rows: bool = True  # drop rows with > 1 dual-clipped token (paper's code)
-    advantage_std: str = "population"  # group std: "population" or "sample" (n - 1, verl's)
+    advantage_std: str = "population"  # group std: "population", "sample" (n - 1, verl's) or "none"
 
     def __post_init__(self):
         for spec in fields(self):

@@ -23,6 +23,12 @@ with the low-variance KL estimator ``k3 = exp(ref − logπ) − (ref − logπ)
 token-mean entropy, both over the mask. Positions outside the mask contribute exactly 0 to the
 loss and its gradient, whatever their values (NaN included).
 
+Empty mini-batches, one rule for every loss of the project (this module's ``policy_loss`` and the
+verl losses of ``appo.integrations.verl``): a mini-batch without a valid token has loss exactly 0
+and a zero gradient, still attached to the graph (backward and data-parallel hooks run as
+usual), whatever token count is given, 0 included. A token count must be > 0 when the mini-batch
+has valid tokens (``ValueError`` naming it): dividing them by 0 is a bug, never a NaN loss.
+
 Two options reproduce the APPO paper's code (verl) where it goes beyond the formula above, both
 off by default here (the trainer's ``TrainConfig`` turns them on):
 
@@ -59,11 +65,16 @@ KL_CLAMP = 10.0  # verl's low_var_kl clamp of each token's k3
 _REAL_DTYPES = FLOAT_DTYPES + (torch.float64,)
 
 
-def _check_inputs(
-    tensors: dict[str, torch.Tensor | None], mask: object, optional: tuple[str, ...] = ()
+def check_loss_inputs(
+    tensors: dict[str, torch.Tensor | None],
+    mask: object,
+    optional: tuple[str, ...] = (),
+    mask_name: str = "mask",
 ) -> torch.Tensor:
     """Float [B, T] tensors of one shape (the first one's) and a {0, 1} mask of that shape, on one
-    device; names in ``optional`` may be None. Returns the mask as bool."""
+    device; names in ``optional`` may be None. Errors name each tensor by its key (``mask_name``
+    for the mask), so trainer adapters pass their host's argument names. Returns the mask as
+    bool."""
     reference, first = next(iter(tensors.items()))
     check_ndim(reference, check_float(reference, first, _REAL_DTYPES), 2, "[B, T]")
     present = {}
@@ -72,10 +83,21 @@ def _check_inputs(
             continue
         present[name] = check_float(name, x, _REAL_DTYPES)
         check_shape(name, x, first.shape, reference)
-    present["mask"] = check_mask("mask", mask)
-    check_shape("mask", mask, first.shape, reference)
+    present[mask_name] = check_mask(mask_name, mask)
+    check_shape(mask_name, mask, first.shape, reference)
     check_same_device(present)
     return mask != 0
+
+
+def check_token_count(name: str, count: object, valid_tokens: int) -> float:
+    """A token count to divide a mini-batch's token sums by: a real >= 0, and > 0 when the
+    mini-batch has ``valid_tokens`` > 0 (module docstring, empty mini-batches)."""
+    count = check_nonneg(name, count)
+    if count == 0 and valid_tokens > 0:
+        raise ValueError(
+            f"{name} must be > 0 when the mini-batch has valid tokens ({valid_tokens}), got 0"
+        )
+    return count
 
 
 def _masked_mean(x: torch.Tensor, valid: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -101,7 +123,7 @@ def future_likelihood_scale(
     ``mask``. Computed in float32 (float64 inputs keep float64 outside the scan).
     """
     tensors = {"advantages": advantages, "logprob": logprob, "old_logprob": old_logprob}
-    valid = _check_inputs(tensors, mask)
+    valid = check_loss_inputs(tensors, mask)
     c = check_positive("c", c)
     half_life = check_positive("half_life", half_life)
     clip = check_fraction("clip", clip)
@@ -175,7 +197,8 @@ def policy_loss(
         entropy: ``[B, T]`` token entropies (may be differentiable); subtracts
             ``entropy_coef`` × their masked mean.
         num_tokens: divide token sums by this count instead of this batch's mask count (the
-            token count of the whole batch when gradients are accumulated over micro-batches).
+            token count of the whole batch when gradients are accumulated over micro-batches);
+            0 only for a mini-batch without valid tokens (module docstring).
         kl_clamp: clamp each token's k3 to ``[−kl_clamp, kl_clamp]`` (None: no clamp).
         max_dual_clipped_per_row: drop rows with more dual-clipped tokens than this (None: keep
             every row).
@@ -192,7 +215,7 @@ def policy_loss(
         "ref_logprob": ref_logprob,
         "entropy": entropy,
     }
-    valid = _check_inputs(tensors, mask, optional=("ref_logprob", "entropy"))
+    valid = check_loss_inputs(tensors, mask, optional=("ref_logprob", "entropy"))
     clip_low = check_fraction("clip_low", clip_low)
     clip_high = check_nonneg("clip_high", clip_high)
     if dual_clip is not None and check_positive("dual_clip", dual_clip) <= 1.0:
@@ -224,9 +247,9 @@ def policy_loss(
         valid = valid & ~dropped[:, None]
         rows_dropped = dropped.sum()
     valid_count = valid.sum()
-    count = (
-        valid_count.clamp_min(1) if num_tokens is None else check_positive("num_tokens", num_tokens)
-    )
+    count = valid_count.clamp_min(1)  # an empty mini-batch: 0 / 1 = 0 (module docstring)
+    if num_tokens is not None:
+        count = check_token_count("num_tokens", num_tokens, int(valid_count)) or 1.0
     pg_loss = _masked_mean(token_loss, valid, count)
     loss = pg_loss
 

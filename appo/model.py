@@ -84,6 +84,52 @@ def load_model(
     return model.to(device).eval(), tokenizer
 
 
+# A causal LM's logits beyond ``hidden @ lm_head.weight.T + bias``, by what each config key means:
+# - a soft cap ``c · tanh(x / c)`` (Gemma 2): a real transform at every value, 1.0 included;
+#   ``linear_token_stats(softcap=c)`` applies it;
+# - scales that multiply or divide the logits or the head's input (Cohere's ``logit_scale``,
+#   Granite's ``logits_scaling``, ...): 1.0 is the identity, any other value is refused;
+# - soft caps whose place in the model is not known here: refused whenever set.
+SOFT_CAP_KEY = "final_logit_softcapping"
+LOGIT_SCALE_KEYS = (
+    "logit_scale",
+    "logits_scaling",
+    "logits_mup_width_multiplier",
+    "output_multiplier",
+    "lm_head_multiplier",
+)
+UNSUPPORTED_CAP_KEYS = ("logit_softcapping",)
+
+
+def lm_head_softcap(config) -> float | None:
+    """The soft cap ``c`` a causal LM applies to its logits (``final_logit_softcapping``), None if
+    it applies none; ``ValueError`` naming the config key for any other logit transform (see
+    the key lists above), or for a soft cap that is not a number in ``[1e-30, 1e30]``. Reads
+    ``config.get_text_config()`` where the config has one (multimodal models)."""
+    from appo_kernels.linear_token_stats import check_softcap
+
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for name in LOGIT_SCALE_KEYS:
+        value = getattr(config, name, None)
+        if value is not None and value != 1.0:
+            raise ValueError(
+                f"model config sets {name}={value!r}, a logit scale that the fused LM head "
+                "(hidden @ lm_head.weight.T + bias, then final_logit_softcapping) does not apply"
+            )
+    for name in UNSUPPORTED_CAP_KEYS:
+        if getattr(config, name, None) is not None:
+            raise ValueError(
+                f"model config sets {name}={getattr(config, name)!r}; the fused LM head applies "
+                f"only {SOFT_CAP_KEY}"
+            )
+    value = getattr(config, SOFT_CAP_KEY, None)
+    try:
+        return check_softcap(value)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"model config sets {SOFT_CAP_KEY}={value!r}: {error}") from None
+
+
 def char_tokenizer():
     """A character-level tokenizer built offline: printable ASCII and newline, one token each,
     plus ``<pad>``, ``<eos>``, ``<unk>``. Decoding concatenates characters exactly."""
@@ -145,3 +191,12 @@ def stop_token_ids(tokenizer) -> set[int]:
     if end_of_turn is not None:
         ids.add(end_of_turn)
     return ids
+
+
+def blank_token_table(tokenizer, vocab_size: int):
+    """``[vocab_size]`` bool: True for the ids that decode to whitespace only (or to nothing), and
+    for ids past the tokenizer's end -- tokens a branch never starts at
+    (``appo.branching.branch_candidates``' ``blank_tokens``)."""
+    texts = tokenizer.batch_decode([[i] for i in range(min(vocab_size, len(tokenizer)))])
+    blank = [not text.strip() for text in texts] + [True] * (vocab_size - len(texts))
+    return torch.tensor(blank)

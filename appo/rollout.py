@@ -22,7 +22,13 @@ blocks (a partial tail block is copied), so nothing is computed or stored twice.
 A branch re-samples position ``t`` of a finished rollout: ``fork`` shares the parent's cached
 prefix (no re-prefill), the token before ``t`` is fed, and the same loop continues with the
 parent's tool-call count. With ``keep_selected_token`` the branch keeps token ``t`` and re-samples
-from ``t + 1``. Cache blocks stay alive until :meth:`RolloutEngine.release`.
+from ``t + 1``. :meth:`RolloutEngine.resume` continues any token prompt that starts with part of a
+cached rollout (its prompt and response): it forks the shared part and feeds only the rest, which
+is how a trainer that renders its own tool turns (TRL) continues a rollout after a tool call, or
+branches it. Cache blocks stay alive until :meth:`RolloutEngine.release`.
+
+``generator`` may be one ``torch.Generator`` for the call or one per rollout; with one each, a
+rollout's samples do not depend on which other rollouts share its batch.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import torch
 
 from appo.model import stop_token_ids
 from appo.tools import ANSWER_CLOSE_TAG, CALL_CLOSE_TAGS, run_tool_call
+from appo_kernels.validation import check_count
 
 # Tokens decoded after each sampled token to look for a closing tag: enough for the longest tag
 # even at one character (or one byte) per token.
@@ -61,6 +68,8 @@ class Rollout:
     stop: str = ""  # "stop_token" | "answer" | "length" | "tool_limit"
     sid: int | None = None
     turn_start: int = 0  # response index where the current model turn began (after an observation)
+    generator: torch.Generator | None = None  # the rollout's own random stream (else the call's)
+    max_new_tokens: int | None = None  # the rollout's policy-token budget (else the config's)
 
     @property
     def is_branch(self) -> bool:
@@ -96,6 +105,7 @@ class RolloutConfig:
 
 
 LogitsProcessor = Callable[[torch.Tensor, list[Rollout]], torch.Tensor]
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
 class RolloutEngine:
@@ -123,7 +133,7 @@ class RolloutEngine:
         self,
         prompts: Sequence[Sequence[int]],
         groups: Sequence[int],
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
     ) -> list[Rollout]:
         """One rollout per prompt (repeat a prompt for N samples); ``groups[i]`` is its group."""
         rollouts = [
@@ -131,6 +141,7 @@ class RolloutEngine:
         ]
         if not rollouts:
             return rollouts
+        generator = _own_generators(rollouts, generator)
         prefill = self._prefill_shared if self.config.share_prefixes else self.lm.prefill
         sids, logits = prefill([r.prompt for r in rollouts])
         for rollout, sid in zip(rollouts, sids):
@@ -142,7 +153,7 @@ class RolloutEngine:
         self,
         parents: Sequence[Rollout],
         points: Sequence[tuple[int, int]],
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         *,
         keep_selected_token: bool = False,
     ) -> list[Rollout]:
@@ -184,6 +195,56 @@ class RolloutEngine:
             active = [child for child, _ in feeds]
             self._loop(active, generator, pending={id(c): feed for c, feed in feeds})
         return branches
+
+    def resume(
+        self,
+        parents: Sequence[Rollout],
+        prompts: Sequence[Sequence[int]],
+        generator: Generators = None,
+        *,
+        max_new_tokens: Sequence[int] | None = None,
+    ) -> list[Rollout]:
+        """One rollout per prompt, continuing the cache of ``parents[i]`` (a rollout that still
+        holds its sequence, of any group): the longest common prefix of ``prompts[i]`` and the
+        parent's cached tokens (its prompt and response, as far as the cache holds them; at most
+        all but the last prompt token) is forked, only the rest of the prompt is fed, then the
+        loop samples. The new rollout's ``prompt`` is all of ``prompts[i]``, its ``group`` the
+        parent's, its ``reused_prefix`` the forked length. ``max_new_tokens[i]`` (default: the
+        config's) is its budget; a budget of 0 gives an empty rollout (``stop="length"``, no
+        sequence)."""
+        if len(parents) != len(prompts):
+            raise ValueError(
+                f"prompts must hold one prompt per parent ({len(parents)}), got {len(prompts)}"
+            )
+        budgets = [self.config.max_new_tokens] * len(prompts)
+        if max_new_tokens is not None:
+            if len(max_new_tokens) != len(prompts):
+                raise ValueError(
+                    f"max_new_tokens must hold one budget per prompt ({len(prompts)}), "
+                    f"got {len(max_new_tokens)}"
+                )
+            budgets = [check_count("max_new_tokens", budget) for budget in max_new_tokens]
+        children = [Rollout(group=p.group, prompt=list(x)) for p, x in zip(parents, prompts)]
+        generator = _own_generators(children, generator)
+        feeds = {}
+        for parent, child, budget in zip(parents, children, budgets):
+            if parent.sid is None:
+                raise ValueError("every parent must still hold its cache sequence (not released)")
+            if not child.prompt:
+                raise ValueError("every prompt must hold at least one token, got an empty one")
+            child.max_new_tokens = budget
+            if budget == 0:
+                child.stop = "length"
+                continue
+            cached = (parent.prompt + parent.tokens)[: self.lm.seq_len(parent.sid)]
+            at = min(_common_prefix_length([cached, child.prompt]), len(child.prompt) - 1)
+            child.sid = self.lm.fork(parent.sid, 1, at=at)[0]
+            child.reused_prefix = at
+            feeds[id(child)] = child.prompt[at:]
+        active = [child for child in children if id(child) in feeds]
+        if active:
+            self._loop(active, generator, pending=feeds)
+        return children
 
     def release(self, rollouts: Sequence[Rollout]) -> None:
         """Frees the cache blocks of every rollout that still holds a sequence."""
@@ -281,6 +342,8 @@ class RolloutEngine:
         if self.config.greedy:
             tokens = logp.argmax(dim=-1)
         else:
+            if any(r.generator is not None for r in rollouts):
+                generator = [generator if r.generator is None else r.generator for r in rollouts]
             tokens = sample_categorical(logp.exp(), generator)
         return tokens.tolist(), logp.gather(1, tokens[:, None]).squeeze(1).tolist()
 
@@ -316,18 +379,23 @@ class RolloutEngine:
                 rollout.tool_calls += 1
                 rollout.turn_start = len(rollout.tokens)
                 feed += observation
-        if rollout.generated >= self.config.max_new_tokens:  # observations do not count
+        budget = (
+            self.config.max_new_tokens if rollout.max_new_tokens is None else rollout.max_new_tokens
+        )
+        if rollout.generated >= budget:  # observations do not count
             rollout.stop = "length"
             return None
         return feed
 
 
-def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def sample_categorical(probs: torch.Tensor, generator: Generators) -> torch.Tensor:
     """One token id per row of ``probs`` ``[B, V]`` (non-negative, any positive total), drawn by
     inverse transform sampling: the first token whose float64 cumulative probability exceeds
     ``u * total`` with ``u ~ U[0, 1)``. Exact up to float64 rounding, never a zero-probability
     token, and one random number per row: ``torch.multinomial`` took ~30 ms per call for
-    16 x 49152 on one CPU thread of the development machine, this ~7 ms."""
+    16 x 49152 on one CPU thread of the development machine, this ~7 ms. ``generator``: one for
+    all rows, or a sequence of one per row (each row's ``u`` from its own; None entries use the
+    default generator)."""
     cdf = probs.cumsum(-1, dtype=torch.float64)
     total = cdf[:, -1:]
     if not bool((torch.isfinite(total) & (total > 0)).all()):
@@ -336,9 +404,37 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None) -
             f"{torch.nonzero(~(torch.isfinite(total) & (total > 0)))[:, 0].tolist()} are not "
             "(NaN logits, or every token banned)"
         )
-    u = torch.rand(total.shape, dtype=torch.float64, device=probs.device, generator=generator)
+    if isinstance(generator, torch.Generator) or generator is None:
+        u = torch.rand(total.shape, dtype=torch.float64, device=probs.device, generator=generator)
+    else:
+        if len(generator) != probs.shape[0]:
+            raise ValueError(
+                f"generator must be one generator or one per row ({probs.shape[0]}), "
+                f"got {len(generator)}"
+            )
+        u = torch.cat(
+            [
+                torch.rand(1, dtype=torch.float64, device=probs.device, generator=g)
+                for g in generator
+            ]
+        )[:, None]
     below_total = torch.nextafter(total, torch.zeros_like(total))  # u * total may round up
     return torch.searchsorted(cdf, torch.minimum(u * total, below_total), right=True)[:, 0]
+
+
+def _own_generators(rollouts: list[Rollout], generator: Generators) -> torch.Generator | None:
+    """Gives each rollout its own generator when ``generator`` is a sequence of one per rollout;
+    returns the generator the call shares (None in that case)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    if len(generator) != len(rollouts):
+        raise ValueError(
+            f"generator must be one torch.Generator or one per rollout ({len(rollouts)}), "
+            f"got {len(generator)}"
+        )
+    for rollout, own in zip(rollouts, generator):
+        rollout.generator = own
+    return None
 
 
 def _common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:

@@ -35,7 +35,7 @@ from appo.advantages import procedure_advantages
 from appo.branching import BranchPlan, branch_candidates, plan_branches
 from appo.config import TrainConfig
 from appo.loss import KL_CLAMP, future_likelihood_scale, policy_loss
-from appo.model import prompt_ids
+from appo.model import blank_token_table, lm_head_softcap, prompt_ids
 from appo.rollout import Rollout, RolloutBatch, RolloutConfig, RolloutEngine
 from appo.sampler import SAMPLER_DTYPES, SamplerPolicy
 from appo.tasks import Task, demonstration, reward, system_prompt
@@ -56,8 +56,9 @@ OMEGA_CLIP = 0.2  # Ω's clip ε (future_value's default), for the per-step Ω d
 def policy_token_stats(model: torch.nn.Module, batch: RolloutBatch) -> TokenStats:
     """Log-probs and entropies ``[R, T]`` of ``batch.tokens`` under ``model`` (differentiable),
     from the base model's final hidden states and the LM head through ``linear_token_stats``:
-    the ``[R, T, V]`` logits are never built. Any Llama / Qwen2-family causal LM (a base model
-    with ``last_hidden_state`` and a linear head, no logit scaling)."""
+    the ``[R, T, V]`` logits are never built. Any causal LM that :func:`check_policy_model`
+    accepts (a base model with ``last_hidden_state`` and a linear head); a soft-capped one
+    (``final_logit_softcapping``, Gemma 2) is scored on its capped logits, as it samples."""
     width, length = batch.prompt_width, batch.tokens.shape[1]
     hidden = model.base_model(
         input_ids=batch.input_ids,
@@ -65,25 +66,23 @@ def policy_token_stats(model: torch.nn.Module, batch: RolloutBatch) -> TokenStat
         position_ids=batch.position_ids,
     ).last_hidden_state[:, width - 1 : width - 1 + length]
     head = model.get_output_embeddings()
-    return linear_token_stats(hidden, head.weight, batch.tokens, bias=head.bias)
+    return linear_token_stats(
+        hidden, head.weight, batch.tokens, bias=head.bias, softcap=lm_head_softcap(model.config)
+    )
 
 
 def check_policy_model(model: torch.nn.Module) -> None:
     """A causal LM whose token statistics :func:`policy_token_stats` can take from hidden
-    states: a base model and a linear output head, and no logit scaling or soft-capping."""
+    states: a base model and a linear output head; a logit soft cap is fine (it is applied),
+    other logit transforms (``logit_scale`` and the like, where not 1.0) are refused
+    (``appo.model.lm_head_softcap``)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, torch.nn.Linear) or getattr(model, "base_model", model) is model:
         raise TypeError(
             f"model must be a transformers causal LM with a base model and a linear LM head "
             f"(Llama / Qwen2 families), got {type(model).__name__}"
         )
-    config = model.config
-    for name in ("final_logit_softcapping", "logit_scale", "logit_softcapping"):
-        if getattr(config, name, None) not in (None, 1.0):
-            raise ValueError(
-                f"model config sets {name}={getattr(config, name)}; the trainer takes log-probs "
-                "from the LM head without it (Llama / Qwen2 families)"
-            )
+    lm_head_softcap(model.config)
 
 
 @dataclass
@@ -123,22 +122,27 @@ def split_evenly(items: list, parts: int) -> list[list]:
 
 
 def omega_diagnostics(
-    logprob: torch.Tensor, behavior_logprob: torch.Tensor, mask: torch.Tensor
+    logprob: torch.Tensor,
+    behavior_logprob: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    gamma: float = 1.0,
+    clip: float = OMEGA_CLIP,
 ) -> dict[str, float]:
     """How much signal Ω carries over a batch's sampled tokens: the spread (std) of the summed
-    future log-ratio ``G_t = Σ_{k≥t} (logπ − logπ_behaviour)_k``, the mean ``|log-ratio|`` per
-    token, and the fractions of Ω at its lower and upper clip bounds."""
+    future log-ratio ``G_t = Σ_{k≥t} γ^(k−t) (logπ − logπ_behaviour)_k``, the mean
+    ``|log-ratio|`` per token, and the fractions of Ω at its lower and upper clip bounds."""
     valid = mask.bool()
     if not valid.any():
         return {}
     log_ratio = torch.where(valid, logprob - behavior_logprob, 0.0)
-    summed = discounted_future_sum(log_ratio, valid)[valid]
-    omega = future_value(logprob, behavior_logprob, valid, clip=OMEGA_CLIP)[valid]
+    summed = discounted_future_sum(log_ratio, valid, gamma=gamma)[valid]
+    omega = future_value(logprob, behavior_logprob, valid, gamma=gamma, clip=clip)[valid]
     return {
         "omega_logratio_sum_std": float(summed.std(correction=0)),
         "logratio_abs_mean": float(log_ratio[valid].abs().mean()),
-        "omega_at_low": float((omega <= 1.0 - OMEGA_CLIP).float().mean()),
-        "omega_at_high": float((omega >= 1.0 + OMEGA_CLIP).float().mean()),
+        "omega_at_low": float((omega <= 1.0 - clip).float().mean()),
+        "omega_at_high": float((omega >= 1.0 + clip).float().mean()),
     }
 
 
@@ -197,10 +201,7 @@ class Trainer:
         )
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        vocab = model.config.vocab_size
-        texts = tokenizer.batch_decode([[i] for i in range(min(vocab, len(tokenizer)))])
-        blank = [not text.strip() for text in texts] + [True] * (vocab - len(texts))
-        self.whitespace = torch.tensor(blank, device=self.device)
+        self.whitespace = blank_token_table(tokenizer, model.config.vocab_size).to(self.device)
 
     # ------------------------------------------------------------------------------------------
     def prompts(self, tasks: Sequence[Task]) -> list[list[int]]:

@@ -13,6 +13,7 @@ from appo_kernels.future_value import future_value
 from appo_kernels.linear_token_stats import linear_token_stats
 from appo_kernels.select_branch_points import BranchPoints, select_branch_points
 from appo_kernels.token_stats import TokenStats, token_stats
+from appo_kernels.validation import token_id_checks
 
 __version__ = "0.1.0"
 
@@ -27,4 +28,5 @@ __all__ = [
     "branching_score_from_stats",
     "BranchPoints",
     "select_branch_points",
+    "token_id_checks",
 ]

@@ -180,10 +180,13 @@ def launch_row_kernel(kernel, inputs: tuple[torch.Tensor, ...], num_outputs: int
     return outputs
 
 
+_FLOAT32_UNDERFLOW = 2.0**-150  # reals at or below this round to 0 in float32 (ties to even)
+
+
 def _torch_decayed(later: torch.Tensor, decay: float) -> torch.Tensor:
     """``later * decay`` in float32 for a decay in (0, 1]; where the decay underflows to 0 in
     float32, infinite and NaN entries keep their value (as ``_decayed`` on the Triton side)."""
-    if torch.tensor(decay, dtype=torch.float32).item() > 0.0:
+    if decay > _FLOAT32_UNDERFLOW:
         return later * decay
     return torch.where(later.isfinite(), 0.0, later)
 
@@ -209,7 +212,7 @@ def torch_reverse_scan(
     T = out.shape[-1]
     shift = 1
     while shift < T:
-        out[..., : T - shift] += _torch_decayed(out[..., shift:], gamma**shift)
+        out[..., : T - shift].add_(_torch_decayed(out[..., shift:], gamma**shift))
         shift *= 2
     if behavior is None:
         return out

@@ -13,8 +13,9 @@ small next to the mean, and a constant row gets exactly z = 0 (e.g. every Omega 
 with one valid position has std 0, so z = 0 and BS = 0 there; a row with none is all -inf. NaN at
 a valid position makes that row's scores NaN. docs/design.md, "Branching Score", has the sources.
 
-``branching_score`` = ``token_stats_forward`` on the logits + one row kernel for the rest (two
-launches on the Triton path).
+``branching_score`` = the token-statistics forward pass on the logits + one row kernel for the
+rest (two launches on the Triton path). Each public function checks its arguments once, then runs
+the unchecked path (``_scores``; ``token_stats.unchecked_forward``).
 """
 
 from __future__ import annotations
@@ -24,14 +25,15 @@ from typing import NamedTuple
 import torch
 
 from appo_kernels._backend import HAS_TRITON, use_triton
+from appo_kernels._ops import custom_op, detached
 from appo_kernels._rows import (
     check_log_ratio_inputs,
     launch_row_kernel,
     torch_reverse_scan,
     valid_mask,
 )
-from appo_kernels.token_stats import token_stats_forward
-from appo_kernels.validation import check_float, check_int64, check_same_device, check_shape
+from appo_kernels.token_stats import check_token_args, unchecked_forward
+from appo_kernels.validation import check_float, check_same_device, check_shape
 
 STD_EPS = 1e-6  # added to the population std of a row
 
@@ -187,22 +189,24 @@ def _triton_branching_score(entropy, logprob, behavior_logprob, mask, gamma, cli
 
 
 def _torch_z_score(values: torch.Tensor, mask: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """z(v) over each row's valid positions, by the same corrected two-pass moments."""
+    """z(v) over each row's valid positions (the last dimension), by the same corrected two-pass
+    moments; ``values`` may stack several [B, T] tensors in front."""
     rough_mean = torch.where(mask, values, 0.0).sum(dim=-1, keepdim=True) / count
     deviation = torch.where(mask, values - rough_mean, 0.0)
     correction = deviation.sum(dim=-1, keepdim=True) / count
-    variance = deviation.square().sum(dim=-1, keepdim=True) / count - correction.square()
-    scale = variance.clamp(min=0).sqrt() + STD_EPS
-    return torch.where(mask, (values - (rough_mean + correction)) / scale, 0.0)
+    variance = torch.linalg.vecdot(deviation, deviation).unsqueeze(-1) / count
+    scale = (variance - correction.square()).clamp_(min=0).sqrt_().add_(STD_EPS)
+    return torch.where(mask, (values - rough_mean - correction) / scale, 0.0)
 
 
 def _torch_branching_score(entropy, logprob, behavior_logprob, mask, gamma, clip):
     omega = torch_reverse_scan(logprob, mask, gamma, behavior_logprob, clip)
-    count = mask.sum(dim=-1, keepdim=True).clamp(min=1)
-    z_entropy = _torch_z_score(entropy.float(), mask, count)
-    z_omega = _torch_z_score(omega, mask, count)
+    count = mask.sum(dim=-1, keepdim=True).clamp_(min=1)
+    # Both z-scores in one pass over the stacked [2, B, T] values; z(Omega) is copied out, as
+    # custom-op outputs must not share storage.
+    z_entropy, z_omega = _torch_z_score(torch.stack([entropy.float(), omega]), mask, count)
     score = torch.where(mask, z_entropy * z_omega, float("-inf"))
-    return score, omega, z_entropy, z_omega
+    return score, omega, z_entropy, z_omega.clone()
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,7 +214,7 @@ def _torch_branching_score(entropy, logprob, behavior_logprob, mask, gamma, clip
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("appo_kernels::branching_score_from_stats", mutates_args=())
+@custom_op("appo_kernels::branching_score_from_stats")
 def _branching_score_op(
     entropy: torch.Tensor,
     logprob: torch.Tensor,
@@ -229,6 +233,16 @@ def _branching_score_op(
 @_branching_score_op.register_fake
 def _(entropy, logprob, behavior_logprob, mask, gamma, clip):
     return tuple(entropy.new_empty(entropy.shape, dtype=torch.float32) for _ in range(4))
+
+
+def _scores(entropy, logprob, behavior_logprob, mask, gamma, clip) -> BranchingScore:
+    """The scores of checked [B, T] arguments (the body of both public functions); nothing is
+    recorded for autograd."""
+    entropy, logprob = detached(entropy), detached(logprob)
+    score, omega, z_entropy, z_omega = _branching_score_op(
+        entropy, logprob, detached(behavior_logprob), valid_mask(mask), gamma, clip
+    )
+    return BranchingScore(score, entropy.float(), logprob.float(), omega, z_entropy, z_omega)
 
 
 def branching_score_from_stats(
@@ -291,11 +305,7 @@ def branching_score_from_stats(
     check_float("entropy", entropy)
     check_shape("entropy", entropy, logprob.shape, "logprob")
     check_same_device({"entropy": entropy, "logprob": logprob})
-    entropy, logprob = entropy.detach(), logprob.detach()
-    score, omega, z_entropy, z_omega = _branching_score_op(
-        entropy, logprob, behavior_logprob.detach(), valid_mask(mask.detach()), gamma, clip
-    )
-    return BranchingScore(score, entropy.float(), logprob.float(), omega, z_entropy, z_omega)
+    return _scores(entropy, logprob, behavior_logprob, mask, gamma, clip)
 
 
 def branching_score(
@@ -309,9 +319,9 @@ def branching_score(
     clip: float = 0.2,
     ignore_index: int = -100,
 ) -> BranchingScore:
-    """Branching Score straight from logits: exact full-vocabulary entropy and log-probs by
-    ``token_stats_forward`` (one streaming pass over the vocabulary), then the per-row score
-    kernel.
+    """Branching Score straight from logits: exact full-vocabulary entropy and log-probs by the
+    token-statistics forward pass (one streaming pass over the vocabulary), then the per-row
+    score kernel.
 
     Parameters
     ----------
@@ -359,10 +369,9 @@ def branching_score(
     >>> out.score
     tensor([[ 0.0200, -1.5054, -1.4531]])
     """
-    check_log_ratio_inputs("logits", logits, "[B, T, V]", behavior_logprob, mask, gamma, clip)
-    check_int64("ignore_index", ignore_index)
-    # token_stats_forward checks tokens and temperature; it records nothing for autograd.
-    stats = token_stats_forward(logits, tokens, temperature=temperature, ignore_index=ignore_index)
-    return branching_score_from_stats(
-        stats.entropy, stats.logprob, behavior_logprob, mask, gamma=gamma, clip=clip
+    gamma, clip = check_log_ratio_inputs(
+        "logits", logits, "[B, T, V]", behavior_logprob, mask, gamma, clip
     )
+    tokens, temperature = check_token_args(logits, tokens, temperature, ignore_index)
+    logprob, entropy, _, _ = unchecked_forward(logits, tokens, temperature, ignore_index)
+    return _scores(entropy, logprob, behavior_logprob, mask, gamma, clip)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from appo_kernels._backend import HAS_TRITON, use_triton
+from appo_kernels._ops import custom_op, detached
 from appo_kernels._rows import launch_row_kernel, torch_reverse_scan, valid_mask
 from appo_kernels.validation import (
     check_float,
@@ -82,7 +83,7 @@ def _torch_discounted_future_sum(values, mask, gamma):
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("appo_kernels::discounted_future_sum", mutates_args=())
+@custom_op("appo_kernels::discounted_future_sum")
 def _discounted_future_sum_op(
     values: torch.Tensor, mask: torch.Tensor, gamma: float
 ) -> torch.Tensor:
@@ -141,4 +142,4 @@ def discounted_future_sum(
     check_shape("mask", mask, values.shape, "values")
     check_same_device({"values": values, "mask": mask})
     gamma = check_gamma("gamma", gamma)
-    return _discounted_future_sum_op(values.detach(), valid_mask(mask.detach()), gamma)
+    return _discounted_future_sum_op(detached(values), valid_mask(mask), gamma)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from appo_kernels._backend import HAS_TRITON, use_triton
+from appo_kernels._ops import custom_op, detached
 from appo_kernels._rows import (
     check_log_ratio_inputs,
     launch_row_kernel,
@@ -84,7 +85,7 @@ def _torch_future_value(logprob, behavior_logprob, mask, gamma, clip):
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("appo_kernels::future_value", mutates_args=())
+@custom_op("appo_kernels::future_value")
 def _future_value_op(
     logprob: torch.Tensor,
     behavior_logprob: torch.Tensor,
@@ -153,5 +154,5 @@ def future_value(
         "logprob", logprob, "[B, T]", behavior_logprob, mask, gamma, clip
     )
     return _future_value_op(
-        logprob.detach(), behavior_logprob.detach(), valid_mask(mask.detach()), gamma, clip
+        detached(logprob), detached(behavior_logprob), valid_mask(mask), gamma, clip
     )

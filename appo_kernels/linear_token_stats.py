@@ -17,6 +17,14 @@ without ever holding more than one chunk of rows of ``x``:
 That is four matmuls where an unfused model + ``token_stats`` runs three (the forward matmul is
 recomputed), in exchange for ``[N, V]`` logits and their gradient never existing.
 
+Soft-capping (Gemma 2's ``final_logit_softcapping``): with ``softcap=c`` the logits are
+``c tanh(x / c)`` before the temperature, ``logprob = log softmax(c tanh(x / c) / tau)_y``, and the
+gradient passes the cap's derivative, ``dL/dx = dL/dx_capped (1 - tanh^2(x / c))``. The cap is
+applied where the logits are read, inside the streaming passes (in registers in the Triton
+kernels, in the float32 work chunk of the PyTorch path), never as a pass of its own: the backward
+still turns the chunk into ``dx_c`` in place, the capped values and ``tanh`` are float32 whatever
+the chunk's dtype, and no second ``[chunk, V]`` buffer is needed for ``1 - tanh^2``.
+
 Rows whose token is ``ignore_index`` are compacted away before any matmul or vocabulary pass:
 they cost nothing, and get ``logprob = 0``, ``entropy = 0`` and a zero gradient. (This differs
 from ``token_stats``, which still computes the entropy of such rows from the logits it is given.)
@@ -24,6 +32,13 @@ from ``token_stats``, which still computes the entropy of such rows from the log
 The logits chunk has the dtype of ``hidden`` and ``weight`` (what the model's own LM head would
 produce); statistics are float32. ``dW`` and ``db`` accumulate over chunks in the weight's dtype
 (float32 weights accumulate in float32).
+
+Autocast: the op is a matmul, so it follows ``torch.nn.functional.linear``: inside
+``torch.autocast(device, dtype)`` for the inputs' device, ``hidden``, ``weight`` and ``bias`` are
+cast to the autocast dtype at entry (float64 is left alone, as autocast leaves it) and the op runs
+in that dtype; the casts are ordinary autograd ops, so each input's gradient comes back in that
+input's own dtype. The op's own work never consults autocast (forward and backward run with it
+disabled), so a backward inside or outside the autocast region gives the same result.
 
 Backends: on CUDA, cuBLAS matmuls plus the Triton token-statistics kernels; on CPU, the same
 structure with the PyTorch path. The op is a ``torch.library`` custom op with fake
@@ -35,7 +50,9 @@ from __future__ import annotations
 import torch
 
 from appo_kernels import validation
+from appo_kernels._ops import custom_op
 from appo_kernels.token_stats import (
+    TEMPERATURE_RANGE,
     TokenStats,
     check_temperature,
     check_token_ids,
@@ -103,6 +120,12 @@ class _LogitsChunk:
         return torch.addmm(self.bias, h, self.weight.t(), out=out)
 
 
+def _no_autocast(device: torch.device):
+    """The op's chunks are exact in the inputs' dtype: autocast (a bf16 ``dlogits @ W`` into a
+    float32 gradient, say) must not re-type them, in forward or in backward."""
+    return torch.autocast(device.type, enabled=False)
+
+
 def _chunk_plan(hidden, weight, bias, ids, ignore_index, chunk_size):
     """The chunks of the rows that are not ``ignore_index`` (see ``_chunks``) and the logits
     buffer they share; forward and backward walk the same plan."""
@@ -114,7 +137,12 @@ def _chunk_plan(hidden, weight, bias, ids, ignore_index, chunk_size):
     return _chunks(n_kept, chunk_size, kept), logits_of
 
 
-@torch.library.custom_op("appo_kernels::linear_token_stats_fwd", mutates_args=())
+def _zero_stats(hidden: torch.Tensor) -> list[torch.Tensor]:
+    """The four float32 [N] forward outputs, 0 until chunks are written into them."""
+    return [hidden.new_zeros(hidden.shape[0], dtype=torch.float32) for _ in range(4)]
+
+
+@custom_op("appo_kernels::linear_token_stats_fwd")
 def _linear_token_stats_fwd(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -123,29 +151,35 @@ def _linear_token_stats_fwd(
     temperature: float,
     ignore_index: int,
     chunk_size: int,
+    softcap: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden [N, H], weight [V, H], bias [V] or None, tokens [N] -> float32 (logprob, entropy,
     row_max, log_sum), each [N]; 0 on ignored rows."""
     ids = flat_ids(tokens)
     check_token_ids(ids, weight.shape[0], ignore_index)
-    stats = [hidden.new_zeros(hidden.shape[0], dtype=torch.float32) for _ in range(4)]
-    chunks, logits_of = _chunk_plan(hidden, weight, bias, ids, ignore_index, chunk_size)
-    for r0, r1, index in chunks:
-        logits = logits_of(_take(hidden, r0, r1, index))
-        chunk_stats = rows_forward(
-            logits.unsqueeze(0), _take(ids, r0, r1, index), temperature, ignore_index
-        )
-        for full, part in zip(stats, chunk_stats):
-            _put(full, r0, r1, index, part)
-    return tuple(stats)
+    stats = None  # the [N] outputs, zero on ignored rows, made when a chunk is not all of them
+    with _no_autocast(hidden.device):
+        chunks, logits_of = _chunk_plan(hidden, weight, bias, ids, ignore_index, chunk_size)
+        for r0, r1, index in chunks:
+            logits = logits_of(_take(hidden, r0, r1, index))
+            chunk_stats = rows_forward(
+                logits.unsqueeze(0), _take(ids, r0, r1, index), temperature, ignore_index,
+                softcap=softcap,
+            )  # fmt: skip
+            if index is None and r1 - r0 == hidden.shape[0]:
+                return chunk_stats  # one chunk of every row: its statistics are the outputs
+            stats = stats or _zero_stats(hidden)
+            for full, part in zip(stats, chunk_stats):
+                _put(full, r0, r1, index, part)
+    return tuple(stats or _zero_stats(hidden))
 
 
 @_linear_token_stats_fwd.register_fake
-def _(hidden, weight, bias, tokens, temperature, ignore_index, chunk_size):
+def _(hidden, weight, bias, tokens, temperature, ignore_index, chunk_size, softcap):
     return tuple(hidden.new_empty(hidden.shape[0], dtype=torch.float32) for _ in range(4))
 
 
-@torch.library.custom_op("appo_kernels::linear_token_stats_bwd", mutates_args=())
+@custom_op("appo_kernels::linear_token_stats_bwd")
 def _linear_token_stats_bwd(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -159,6 +193,7 @@ def _linear_token_stats_bwd(
     temperature: float,
     ignore_index: int,
     chunk_size: int,
+    softcap: float | None,
     needs_weight_grad: bool,
     needs_bias_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -172,27 +207,29 @@ def _linear_token_stats_bwd(
         None if g is None else g.reshape(-1).to(torch.float32).contiguous()  # may be expanded
         for g in (grad_logprob, grad_entropy)
     ]
-    chunks, logits_of = _chunk_plan(hidden, weight, bias, ids, ignore_index, chunk_size)
-    for r0, r1, index in chunks:
-        h = _take(hidden, r0, r1, index)
-        logits = logits_of(h)
-        saved = [_take(t, r0, r1, index) for t in (row_max, log_sum, entropy)]
-        upstream = [None if g is None else _take(g, r0, r1, index) for g in grads]
-        dlogits = rows_backward(
-            logits.unsqueeze(0), _take(ids, r0, r1, index), *saved, *upstream, temperature,
-            ignore_index, out=logits,
-        )  # fmt: skip
-        _put(d_hidden, r0, r1, index, dlogits @ weight)
-        if needs_weight_grad:
-            d_weight.addmm_(dlogits.t(), h)
-        if needs_bias_grad:
-            d_bias += dlogits.sum(0)
+    with _no_autocast(hidden.device):
+        chunks, logits_of = _chunk_plan(hidden, weight, bias, ids, ignore_index, chunk_size)
+        for r0, r1, index in chunks:
+            h = _take(hidden, r0, r1, index)
+            logits = logits_of(h)
+            saved = [_take(t, r0, r1, index) for t in (row_max, log_sum, entropy)]
+            upstream = [None if g is None else _take(g, r0, r1, index) for g in grads]
+            dlogits = rows_backward(
+                logits.unsqueeze(0), _take(ids, r0, r1, index), *saved, *upstream, temperature,
+                ignore_index, out=logits, softcap=softcap,
+            )  # fmt: skip
+            _put(d_hidden, r0, r1, index, dlogits @ weight)
+            if needs_weight_grad:
+                d_weight.addmm_(dlogits.t(), h)
+            if needs_bias_grad:
+                d_bias += dlogits.sum(0)
     return d_hidden, d_weight, d_bias
 
 
 @_linear_token_stats_bwd.register_fake
 def _(hidden, weight, bias, tokens, row_max, log_sum, entropy, grad_logprob, grad_entropy,
-      temperature, ignore_index, chunk_size, needs_weight_grad, needs_bias_grad):  # fmt: skip
+      temperature, ignore_index, chunk_size, softcap, needs_weight_grad,
+      needs_bias_grad):  # fmt: skip
     vocab = weight.shape[0]
     return (
         torch.empty_like(hidden),
@@ -202,10 +239,10 @@ def _(hidden, weight, bias, tokens, row_max, log_sum, entropy, grad_logprob, gra
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, tokens, temperature, ignore_index, chunk_size = inputs
+    hidden, weight, bias, tokens, temperature, ignore_index, chunk_size, softcap = inputs
     _, entropy, row_max, log_sum = output
     ctx.save_for_backward(hidden, weight, bias, tokens, row_max, log_sum, entropy)
-    ctx.args = (temperature, ignore_index, chunk_size)
+    ctx.args = (temperature, ignore_index, chunk_size, softcap)
 
 
 def _backward(ctx, grad_logprob, grad_entropy, grad_row_max, grad_log_sum):
@@ -214,7 +251,7 @@ def _backward(ctx, grad_logprob, grad_entropy, grad_row_max, grad_log_sum):
     if (grad_logprob is None and grad_entropy is None) or not (
         needs_hidden or needs_weight or needs_bias
     ):
-        return (None,) * 7
+        return (None,) * 8
     d_hidden, d_weight, d_bias = _linear_token_stats_bwd(
         hidden, weight, bias, tokens, row_max, log_sum, entropy, grad_logprob, grad_entropy,
         *ctx.args, needs_weight, bias is not None and needs_bias,
@@ -227,10 +264,41 @@ def _backward(ctx, grad_logprob, grad_entropy, grad_row_max, grad_log_sum):
         None,
         None,
         None,
+        None,
     )
 
 
 _linear_token_stats_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def check_softcap(softcap: object) -> float | None:
+    """None (no soft cap) or a cap ``c`` in ``TEMPERATURE_RANGE`` (``x / c`` stays finite for
+    finite logits; Gemma 2 uses 30)."""
+    if softcap is None:
+        return None
+    softcap = validation.check_positive("softcap", softcap)
+    low, high = TEMPERATURE_RANGE
+    if not low <= softcap <= high:
+        raise ValueError(f"softcap must be None or in [{low:g}, {high:g}], got {softcap:g}")
+    return softcap
+
+
+def _autocast_inputs(hidden, weight, bias):
+    """Inside ``torch.autocast`` for the inputs' device, the floating inputs in the autocast
+    dtype, as ``torch.nn.functional.linear`` casts them (float64 is not cast by autocast either).
+    Anything that is not a CPU / CUDA tensor is left for the argument checks."""
+    if not isinstance(hidden, torch.Tensor) or hidden.device.type not in ("cpu", "cuda"):
+        return hidden, weight, bias
+    device = hidden.device.type
+    if not torch.is_autocast_enabled(device):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device)
+
+    def cast(x):
+        eligible = isinstance(x, torch.Tensor) and x.is_floating_point()
+        return x.to(dtype) if eligible and x.dtype != torch.float64 else x
+
+    return cast(hidden), cast(weight), cast(bias)
 
 
 def _checked_args(hidden, weight, tokens, bias, temperature, ignore_index, chunk_size):
@@ -277,9 +345,12 @@ def linear_token_stats(
     temperature: float = 1.0,
     ignore_index: int = -100,
     chunk_size: int | None = None,
+    softcap: float | None = None,
 ) -> TokenStats:
     """Log-probability and full-vocabulary entropy of ``tokens`` under
-    ``softmax((hidden @ weight.T + bias) / tau)``, without materialising the logits.
+    ``softmax((hidden @ weight.T + bias) / tau)`` (soft-capped logits
+    ``c tanh((hidden @ weight.T + bias) / c)`` with ``softcap=c``), without materialising the
+    logits.
 
     Parameters
     ----------
@@ -298,6 +369,10 @@ def linear_token_stats(
         Rows with this id are skipped entirely: ``logprob = 0``, ``entropy = 0``, zero gradient.
     chunk_size : int, optional
         Rows per chunk of logits; by default about 256 MB of logits on CUDA, 96 MB on CPU.
+    softcap : float, optional
+        ``c`` in ``[1e-30, 1e30]``: the logits become ``c * tanh(logits / c)`` before the
+        temperature (Gemma 2's ``final_logit_softcapping``, applied in that order by the model).
+        None (the default): no cap.
 
     Returns
     -------
@@ -310,7 +385,8 @@ def linear_token_stats(
     Equals ``token_stats(hidden @ weight.T + bias, tokens)`` on the rows that are not ignored
     (the chunk's logits are computed in the inputs' dtype, as the model's LM head would). At most
     one chunk of logits is alive at a time; backward recomputes each chunk's logits (four matmuls
-    in all where the unfused path runs three). See the module docstring.
+    in all where the unfused path runs three). Inside ``torch.autocast`` the inputs are cast to
+    the autocast dtype first, as ``linear`` casts them. See the module docstring.
 
     Examples
     --------
@@ -322,17 +398,23 @@ def linear_token_stats(
     >>> hidden.grad.shape, lm_head.grad.shape
     (torch.Size([2, 6, 16]), torch.Size([100, 16]))
     """
+    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     hidden, weight, tokens, bias, temperature = _checked_args(
         hidden, weight, tokens, bias, temperature, ignore_index, chunk_size
     )
-    lead = hidden.shape[:-1]
+    softcap = check_softcap(softcap)
+    rows = hidden.dim() == 2  # already [N, H]: no reshapes
     logprob, entropy, _, _ = _linear_token_stats_fwd(
-        hidden.reshape(-1, hidden.shape[-1]),
+        hidden if rows else hidden.reshape(-1, hidden.shape[-1]),
         weight,
         bias,
-        tokens.reshape(-1),
+        tokens if rows else tokens.reshape(-1),
         temperature,
         ignore_index,
         chunk_size or 0,
+        softcap,
     )
+    if rows:
+        return TokenStats(logprob, entropy)
+    lead = tuple(hidden.shape[:-1])
     return TokenStats(logprob.view(lead), entropy.view(lead))

@@ -27,6 +27,7 @@ from typing import NamedTuple
 import torch
 
 from appo_kernels._backend import HAS_TRITON, launch_device, use_triton
+from appo_kernels._ops import custom_op, detached
 from appo_kernels._rows import block_size, rows_last_dim_contiguous
 from appo_kernels.validation import (
     capturing_cuda_graph,
@@ -237,7 +238,7 @@ def _check_output_size(num_groups: int, budget: int, B: int, T: int) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("appo_kernels::select_branch_points", mutates_args=())
+@custom_op("appo_kernels::select_branch_points")
 def _select_branch_points_op(
     score: torch.Tensor,
     candidates: torch.Tensor,
@@ -368,6 +369,6 @@ def select_branch_points(
         )
     _check_output_size(num_groups, budget, B, T)
     rows, positions, scores = _select_branch_points_op(
-        score.detach(), candidates, preferred, group_ids, num_groups, budget
+        detached(score), candidates, preferred, group_ids, num_groups, budget
     )
     return BranchPoints(rows, positions, scores)

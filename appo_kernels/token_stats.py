@@ -30,11 +30,15 @@ same math (a few MB of working space per chunk, independent of N * V);
 ``APPO_KERNELS_BACKEND=triton|torch`` forces one (on CPU, ``triton`` means Triton's interpreter).
 Both sit behind the ``torch.library`` custom ops ``appo_kernels::token_stats_fwd`` and
 ``appo_kernels::token_stats_bwd``, so ``torch.compile(fullgraph=True)`` and CUDA graphs capture
-them. ``linear_token_stats`` (hidden states and the LM head) reuses the row-level launchers.
+them. ``linear_token_stats`` (hidden states and the LM head) reuses the row-level launchers,
+which can also soft-cap each logit as they read it (``x <- c tanh(x / c)``, then the formulas
+above on the capped logits; backward multiplies ``dL/dx_j`` by ``1 - tanh^2(x_j / c)``, from the
+same load): the math is in ``linear_token_stats``'s docstring.
 
 Bad input: token ids outside ``[0, V)`` other than ``ignore_index`` raise ``ValueError`` (checked
-with one reduction, skipped while a CUDA graph is being captured; the kernels never read out of
-bounds and give NaN log-probs for such ids). A NaN in a row gives NaN in that row only. A row
+with four small ops and one host sync, skipped while a CUDA graph is being captured and inside
+``appo_kernels.token_id_checks(False)``; the kernels never read out of bounds and give NaN
+log-probs for such ids). A NaN in a row gives NaN in that row only. A row
 whose logits are all ``-inf`` has no distribution and gives NaN. The temperature must lie in
 ``[1e-30, 1e30]`` (so that ``1 / tau`` is a normal float32).
 """
@@ -47,6 +51,7 @@ import torch
 
 from appo_kernels import validation
 from appo_kernels._backend import HAS_TRITON, launch_device, use_triton
+from appo_kernels._ops import custom_op, detached
 
 if HAS_TRITON:
     import triton
@@ -96,15 +101,25 @@ if HAS_TRITON:
         return c * s, tl.where(c == 0.0, 0.0, c * (a + delta * s))
 
     @triton.jit
+    def _tanh(u):
+        """tanh(u) in float32 from e = exp(-2 |u|) in (0, 1]: no overflow, tanh(+-inf) = +-1,
+        NaN stays NaN (the interpreter has no libdevice tanh)."""
+        e = tl.exp(-2.0 * tl.abs(u))
+        t = (1.0 - e) / (1.0 + e)
+        return tl.where(u < 0, -t, t)
+
+    @triton.jit
     def _store_row_stats(row, m, s, a, x_row, tokens_ptr, logprob_ptr, entropy_ptr, row_max_ptr,
-                         log_sum_ptr, V, inv_temp, ignore_index):
+                         log_sum_ptr, V, inv_temp, ignore_index, softcap, SOFTCAP: tl.constexpr):
         """entropy = log s - a / s, logprob = (x_y - m) / tau - log s (one scalar load of
-        x[row, y]; 0 for ignore_index, NaN for an id outside [0, V), never read out of bounds);
-        m and log s are kept for the backward pass."""
+        x[row, y], soft-capped like the row; 0 for ignore_index, NaN for an id outside [0, V),
+        never read out of bounds); m and log s are kept for the backward pass."""
         log_s = tl.log(s)
         y = tl.load(tokens_ptr + row).to(tl.int64)
         in_range = (y >= 0) & (y < V)
         x_y = tl.load(x_row + y, mask=in_range, other=0.0).to(tl.float32)
+        if SOFTCAP:
+            x_y = softcap * _tanh(x_y / softcap)
         logprob = tl.where(in_range, (x_y - m) * inv_temp - log_s, float("nan"))
         logprob = tl.where(y == ignore_index, 0.0, logprob)
         tl.store(row_max_ptr + row, m)
@@ -123,15 +138,17 @@ if HAS_TRITON:
         V, T1, stride_outer, stride_inner,  # row layout: module docstring
         cols_per_split,  # vocabulary columns of one program (a multiple of BLOCK_V)
         inv_temp, ignore_index,
-        BLOCK_V: tl.constexpr, SPLIT: tl.constexpr,
+        softcap,  # c of the soft cap x <- c tanh(x / c) (when SOFTCAP)
+        BLOCK_V: tl.constexpr, SPLIT: tl.constexpr, SOFTCAP: tl.constexpr,
     ):
         """Program (row, split) streams columns [split * cols_per_split, ...) of one row in
         BLOCK_V chunks. It keeps the running maximum m as a scalar and the sums s, a as BLOCK_V-wide
         vectors (one lane per column slot), so each chunk costs one block reduction (its maximum)
         and the vectors are rescaled only in the rare chunks that raise m; the lanes are summed once
         at the end. The next chunk is loaded before the current one is reduced, so a load is in
-        flight while the program waits on the reduction. Without a split it writes the row's
-        statistics; with one it writes the partial (m, s, a) for the merge kernel."""
+        flight while the program waits on the reduction. With SOFTCAP each loaded logit is
+        soft-capped in registers first (columns past V stay -inf). Without a split it writes the
+        row's statistics; with one it writes the partial (m, s, a) for the merge kernel."""
         row = tl.program_id(0)
         split = tl.program_id(1)
         x_row = x_ptr + _row_offset(row, T1, stride_outer, stride_inner)
@@ -144,6 +161,8 @@ if HAS_TRITON:
         x_next = tl.load(x_row + cols, mask=cols < V, other=NEG_INF)
         for start in range(col_begin, col_end, BLOCK_V):
             x = x_next.to(tl.float32)
+            if SOFTCAP:
+                x = tl.where(cols < V, softcap * _tanh(x / softcap), NEG_INF)
             cols = start + BLOCK_V + tl.arange(0, BLOCK_V)
             x_next = tl.load(x_row + cols, mask=cols < V, other=NEG_INF)
             chunk_max = tl.max(x, axis=0)
@@ -162,14 +181,15 @@ if HAS_TRITON:
             tl.store(part_a_ptr + part, a)
         else:
             _store_row_stats(row, m, s, a, x_row, tokens_ptr, logprob_ptr, entropy_ptr,
-                             row_max_ptr, log_sum_ptr, V, inv_temp, ignore_index)
+                             row_max_ptr, log_sum_ptr, V, inv_temp, ignore_index, softcap,
+                             SOFTCAP)
 
     @triton.jit
     def _token_stats_merge_kernel(
         x_ptr, tokens_ptr, logprob_ptr, entropy_ptr, row_max_ptr, log_sum_ptr,  # as forward
         part_m_ptr, part_s_ptr, part_a_ptr,  # [N, num_splits] float32 partial states
-        V, T1, stride_outer, stride_inner, num_splits, inv_temp, ignore_index,
-        SPLITS_POW2: tl.constexpr,
+        V, T1, stride_outer, stride_inner, num_splits, inv_temp, ignore_index, softcap,
+        SPLITS_POW2: tl.constexpr, SOFTCAP: tl.constexpr,
     ):
         """Merges a row's partials: M = max m_i, then each (s_i, a_i) is rebased to M and
         summed; then writes the row's statistics."""
@@ -185,7 +205,7 @@ if HAS_TRITON:
         x_row = x_ptr + _row_offset(row, T1, stride_outer, stride_inner)
         _store_row_stats(row, m, tl.sum(s_i, axis=0), tl.sum(a_i, axis=0), x_row, tokens_ptr,
                          logprob_ptr, entropy_ptr, row_max_ptr, log_sum_ptr, V, inv_temp,
-                         ignore_index)
+                         ignore_index, softcap, SOFTCAP)
 
     @triton.jit
     def _token_stats_bwd_kernel(
@@ -194,13 +214,15 @@ if HAS_TRITON:
         row_max_ptr, log_sum_ptr, entropy_ptr,  # [N] float32 saved by the forward pass
         grad_logprob_ptr, grad_entropy_ptr,  # [N] float32 upstream gradients (when HAS_*)
         dx_ptr,  # [N, V] out, logits dtype, contiguous; may be x_ptr itself (in place)
-        V, T1, stride_outer, stride_inner, cols_per_split, inv_temp, ignore_index,
+        V, T1, stride_outer, stride_inner, cols_per_split, inv_temp, ignore_index, softcap,
         HAS_GRAD_LOGPROB: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+        SOFTCAP: tl.constexpr,
     ):
         """dx_j = (1/tau) [g_lp (1[j = y] - p_j) - g_H p_j (d_j - log s + H)] with
         d_j = (x_j - m) / tau and p_j = e^(d_j - log s); program (row, split) streams its
-        columns once (read x, write dx). Each element is read before it is written, so dx may
-        alias x."""
+        columns once (read x, write dx). With SOFTCAP, x_j is first replaced by c t_j,
+        t_j = tanh(x_j / c), and dx_j multiplied by 1 - t_j^2 (all from the one load). Each
+        element is read before it is written, so dx may alias x."""
         row = tl.program_id(0)
         split = tl.program_id(1)
         x_row = x_ptr + _row_offset(row, T1, stride_outer, stride_inner)
@@ -224,10 +246,15 @@ if HAS_TRITON:
             cols = start + tl.arange(0, BLOCK_V)
             mask = cols < V
             x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+            if SOFTCAP:
+                t = _tanh(x / softcap)
+                x = softcap * t
             centred = (x - m) * inv_temp - log_s  # log p_j
             p = tl.exp(centred)
             centred = tl.where(p == 0.0, 0.0, centred + entropy)  # no 0 * (-inf)
             dz = tl.where(cols == y, g_lp, 0.0) - p * (g_lp + g_h * centred)
+            if SOFTCAP:
+                dz = dz * (1.0 - t * t)
             tl.store(dx_row + cols, (dz * inv_temp).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -299,7 +326,7 @@ def _kernel_rows(rows: torch.Tensor) -> tuple[int, int, int]:
     return inner, rows.stride(0), rows.stride(1)
 
 
-def _triton_forward(rows, tokens, temperature, ignore_index, block_v, num_splits):
+def _triton_forward(rows, tokens, temperature, ignore_index, block_v, num_splits, softcap):
     outer, inner, vocab = rows.shape
     n_rows = outer * inner
     cfg = _launch_config(n_rows, vocab, rows.dtype, rows.device, block_v, num_splits)
@@ -313,19 +340,21 @@ def _triton_forward(rows, tokens, temperature, ignore_index, block_v, num_splits
         _token_stats_fwd_kernel[(n_rows, cfg.num_splits)](
             rows, tokens, logprob, entropy, row_max, log_sum, parts[0], parts[1], parts[2],
             vocab, T1, stride_outer, stride_inner, cfg.cols_per_split, 1.0 / temperature,
-            ignore_index, BLOCK_V=cfg.block_v, SPLIT=split, num_warps=cfg.num_warps,
+            ignore_index, softcap or 1.0, BLOCK_V=cfg.block_v, SPLIT=split,
+            SOFTCAP=softcap is not None, num_warps=cfg.num_warps,
         )  # fmt: skip
         if split:
             _token_stats_merge_kernel[(n_rows,)](
                 rows, tokens, logprob, entropy, row_max, log_sum, parts[0], parts[1], parts[2],
                 vocab, T1, stride_outer, stride_inner, cfg.num_splits, 1.0 / temperature,
-                ignore_index, SPLITS_POW2=triton.next_power_of_2(cfg.num_splits), num_warps=1,
+                ignore_index, softcap or 1.0, SPLITS_POW2=triton.next_power_of_2(cfg.num_splits),
+                SOFTCAP=softcap is not None, num_warps=1,
             )  # fmt: skip
     return logprob, entropy, row_max, log_sum
 
 
 def _triton_backward(rows, tokens, row_max, log_sum, entropy, grad_logprob, grad_entropy,
-                     temperature, ignore_index, block_v, num_splits, out):  # fmt: skip
+                     temperature, ignore_index, block_v, num_splits, softcap, out):  # fmt: skip
     outer, inner, vocab = rows.shape
     cfg = _launch_config(
         outer * inner, vocab, rows.dtype, rows.device, block_v, num_splits, BACKWARD
@@ -337,9 +366,9 @@ def _triton_backward(rows, tokens, row_max, log_sum, entropy, grad_logprob, grad
             grad_logprob if grad_logprob is not None else entropy,
             grad_entropy if grad_entropy is not None else entropy,
             out, vocab, T1, stride_outer, stride_inner, cfg.cols_per_split, 1.0 / temperature,
-            ignore_index, HAS_GRAD_LOGPROB=grad_logprob is not None,
+            ignore_index, softcap or 1.0, HAS_GRAD_LOGPROB=grad_logprob is not None,
             HAS_GRAD_ENTROPY=grad_entropy is not None, BLOCK_V=cfg.block_v,
-            num_warps=cfg.num_warps,
+            SOFTCAP=softcap is not None, num_warps=cfg.num_warps,
         )  # fmt: skip
     return out
 
@@ -352,90 +381,112 @@ _TORCH_CHUNK_BYTES = 4 << 20  # float32 working set of one chunk of rows
 _FLOAT32_MIN = torch.finfo(torch.float32).min
 
 
-def _row_chunks(rows: torch.Tensor):
-    """Yields ``(first_row, chunk, d, p)`` over the [R, T1, V] row view, a few MB of rows at a
-    time: ``chunk`` an [n, V] view of the logits, ``d`` and ``p`` two float32 [n, V] work buffers
-    (allocated once per call and reused, so no chunk pays for fresh pages)."""
+def _capped(chunk: torch.Tensor, softcap: float, out: torch.Tensor | None) -> torch.Tensor:
+    """``softcap * tanh(chunk / softcap)`` in float32, into the work buffer ``out`` when given
+    (never in the logits themselves: the backward pass reuses it)."""
+    x = chunk.to(torch.float32, copy=True) if out is None else out.copy_(chunk)
+    return x.div_(softcap).tanh_().mul_(softcap)
+
+
+def _row_chunks(rows: torch.Tensor, softcap: float | None = None):
+    """Yields ``(first_row, chunk, d, e)`` over the [R, T1, V] row view, a few MB of rows at a
+    time: ``chunk`` an [n, V] view of the logits (with ``softcap``, a float32 buffer holding
+    ``softcap * tanh(logits / softcap)`` instead), ``d`` and ``e`` two float32 [n, V] work
+    buffers for ``out=`` (allocated once per call and reused, so no chunk pays for fresh pages;
+    None when the rows fit in one chunk, so that the ops allocate their results themselves)."""
     outer, inner, vocab = rows.shape
     step = max(1, min(inner, _TORCH_CHUNK_BYTES // (4 * vocab)))
-    work = torch.empty((2, step, vocab), device=rows.device, dtype=torch.float32)
+    if outer == 1 and step == inner:
+        chunk = rows[0]
+        yield 0, (chunk if softcap is None else _capped(chunk, softcap, None)), None, None
+        return
+    work = torch.empty((2 + (softcap is not None), step, vocab), device=rows.device,
+                       dtype=torch.float32)  # fmt: skip
     for i in range(outer):
         for t in range(0, inner, step):
             chunk = rows[i, t : t + step]
             n = chunk.shape[0]
+            if softcap is not None:
+                chunk = _capped(chunk, softcap, work[2, :n])
             yield i * inner + t, chunk, work[0, :n], work[1, :n]
 
 
-def _softmax_terms(chunk, row_max, inv_temp, d, p):
-    """Fills ``d`` with (x - m) / tau (masked entries at the float32 minimum, so that e^d = 0 and
-    p * d = 0 there without 0 * (-inf)) and ``p`` with softmax(d) from ATen's fused kernel;
-    returns total = sum_j p_j by a cascaded sum. The fused kernel's own normaliser is a plain
-    float32 accumulation (relative error ~1e-5 at V = 150k); dividing by ``total`` restores the
-    accurate one: the true probabilities are p / total and log s = -log max_j p_j + log total
-    (the maximum of p sits at d = 0)."""
-    torch.sub(chunk, row_max[:, None], out=d)
-    if inv_temp != 1.0:
-        d.mul_(inv_temp)
-    d.clamp_min_(_FLOAT32_MIN)
-    torch.softmax(d, dim=-1, out=p)
-    return p.sum(dim=-1)
+def _scaled_shift(chunk, row_max, inv_temp, out):
+    """(x - m) / tau in float32 (``row_max``: [n] float32 m), into ``out`` when given."""
+    d = torch.sub(chunk, row_max[:, None], out=out)
+    return d if inv_temp == 1.0 else d.mul_(inv_temp)
 
 
-def _token_columns(y: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids in [0, V), [n, 1] gather/scatter columns with the others at 0): an id outside the
-    vocabulary is never used as an index (its log-prob is NaN, its one-hot term dropped)."""
-    in_range = (y >= 0) & (y < vocab)
-    return in_range, torch.where(in_range, y, 0).unsqueeze(-1)
+def _exp_terms(d, out):
+    """e^d after clamping ``d`` in place at the float32 minimum, so that a masked (-inf) entry
+    gives e^d = 0 and d e^d = 0 rather than 0 * (-inf)."""
+    return torch.exp(d.clamp_min_(_FLOAT32_MIN), out=out)
 
 
-def _torch_forward(rows, tokens, temperature, ignore_index):
-    """Per chunk: m = max x, d = (x - m) / tau, p = softmax(d), log s from the largest p,
-    entropy = log s - <p, d> (d * p in place, then a row sum); logprob = d_y - log s read from the
-    unclamped logits."""
-    outer, inner, vocab = rows.shape
-    logprob, entropy, row_max, log_sum = _empty_stats((outer * inner,), rows.device)
+def _in_vocab(y: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids clamped into [0, V) as [n, 1] gather/scatter columns, whether each id lies outside):
+    an id outside the vocabulary is never used as an index (its log-prob is NaN, its one-hot
+    term dropped)."""
+    column = y.clamp(0, vocab - 1)
+    return column[:, None], column != y
+
+
+def _torch_forward(rows, tokens, temperature, ignore_index, softcap=None):
+    """Per chunk (soft-capped first when ``softcap`` is given): m = max x, d = (x - m) / tau,
+    logprob = d_y - log s (d_y gathered before the clamp of ``_exp_terms``, so a -inf logit gives
+    -inf), s = sum e^d and a = sum d e^d (d e^d in place; both cascaded sums), entropy =
+    log s - a / s."""
+    vocab = rows.shape[2]
     inv_temp = 1.0 / temperature
-    for r0, chunk, d, p in _row_chunks(rows):
-        r1 = r0 + chunk.shape[0]
+    stats = ([], [], [], [])  # logprob, entropy, row_max, log_sum
+    for r0, chunk, d, e in _row_chunks(rows, softcap):
+        n = chunk.shape[0]
+        y = tokens if n == tokens.shape[0] else tokens[r0 : r0 + n]
         m = chunk.amax(dim=-1).float()  # NaN propagates
-        total = _softmax_terms(chunk, m, inv_temp, d, p)
-        log_s = torch.log(total / p.amax(dim=-1))
-        row_max[r0:r1] = m
-        log_sum[r0:r1] = log_s
-        entropy[r0:r1] = log_s - d.mul_(p).sum(dim=-1) / total
-        y = tokens[r0:r1]
-        in_range, column = _token_columns(y, vocab)
-        x_y = chunk.gather(-1, column).squeeze(-1).float()
-        lp = torch.where(in_range, (x_y - m) * inv_temp - log_s, float("nan"))
-        logprob[r0:r1] = lp.masked_fill_(y == ignore_index, 0.0)
-    return logprob, entropy, row_max, log_sum
+        column, outside = _in_vocab(y, vocab)
+        d = _scaled_shift(chunk, m, inv_temp, d)
+        logprob = d.gather(-1, column).view(-1)
+        e = _exp_terms(d, e)
+        total = e.sum(dim=-1)
+        log_s = total.log()
+        entropy = torch.addcdiv(log_s, d.mul_(e).sum(dim=-1), total, value=-1.0)
+        logprob.sub_(log_s).masked_fill_(outside, float("nan"))
+        logprob.masked_fill_(y == ignore_index, 0.0)
+        for out, part in zip(stats, (logprob, entropy, m, log_s)):
+            out.append(part)
+    return tuple(parts[0] if len(parts) == 1 else torch.cat(parts) for parts in stats)
 
 
 def _torch_backward(rows, tokens, row_max, log_sum, entropy, grad_logprob, grad_entropy,
-                    temperature, ignore_index, out):  # fmt: skip
-    """With q = p / total the probabilities: dz = q (d - log s + H) (-g_H / tau) - q g_lp / tau,
-    plus g_lp / tau at y. The bracket is formed before the multiplication by q, so the float32
-    minimum at a masked entry only ever meets q = 0."""
+                    temperature, ignore_index, out, softcap=None):  # fmt: skip
+    """With log p = d - log s, clamped at the float32 minimum (so that a masked -inf entry
+    gives p = 0 and a finite bracket below, never 0 * (-inf)), and p = e^(log p):
+    dz = -(g_H / tau) p (log p + H) - (g_lp / tau) p, plus g_lp / tau at y. With ``softcap`` c,
+    the chunk holds the capped logits c t (t = tanh(x / c)) and dz is multiplied by
+    1 - t^2 = 1 - (chunk / c)^2."""
     vocab = rows.shape[2]
     inv_temp = 1.0 / temperature
-    for r0, chunk, d, p in _row_chunks(rows):
+    for r0, chunk, d, p in _row_chunks(rows, softcap):
         r1 = r0 + chunk.shape[0]
-        total = _softmax_terms(chunk, row_max[r0:r1], inv_temp, d, p)
-        scale = inv_temp / total  # folds 1 / total (normalisation) and 1 / tau into the rows
+        log_p = _scaled_shift(chunk, row_max[r0:r1], inv_temp, d).sub_(log_sum[r0:r1, None])
+        p = _exp_terms(log_p, p)
         g_lp = None
         if grad_logprob is not None:
             y = tokens[r0:r1]
-            g_lp = grad_logprob[r0:r1].masked_fill(y == ignore_index, 0.0)
+            g_lp = grad_logprob[r0:r1, None].masked_fill(y[:, None] == ignore_index, 0.0)
+            g_lp.mul_(inv_temp)
         if grad_entropy is not None:
-            shift = entropy[r0:r1] - log_sum[r0:r1]
-            dz = d.add_(shift[:, None]).mul_(p).mul_((-grad_entropy[r0:r1] * scale)[:, None])
+            g_h = grad_entropy[r0:r1, None] * -inv_temp
+            dz = log_p.add_(entropy[r0:r1, None]).mul_(p).mul_(g_h)
             if g_lp is not None:
-                dz.addcmul_(p, (-g_lp * scale)[:, None])
+                dz.addcmul_(p, g_lp, value=-1.0)
         else:
-            dz = p.mul_((-g_lp * scale)[:, None])
+            dz = p.mul_(-g_lp)
         if g_lp is not None:
-            in_range, column = _token_columns(y, vocab)
-            dz.scatter_add_(-1, column, torch.where(in_range, g_lp * inv_temp, 0.0).unsqueeze(-1))
+            column, outside = _in_vocab(y, vocab)
+            dz.scatter_add_(-1, column, g_lp.masked_fill_(outside[:, None], 0.0))
+        if softcap is not None:  # the chunk is a work buffer: its capped logits become 1 - t^2
+            dz.mul_(chunk.div_(softcap).square_().neg_().add_(1.0))
         out[r0:r1] = dz
     return out
 
@@ -455,6 +506,8 @@ def _row_view(logits: torch.Tensor) -> torch.Tensor:
     copying only when the leading dimensions do not collapse into two strided levels or the last
     dimension is not contiguous."""
     vocab = logits.shape[-1]
+    if logits.is_contiguous():
+        return logits.view(1, -1, vocab)
     if vocab > 1 and logits.stride(-1) != 1:
         logits = logits.contiguous()
     levels: list[list[int]] = []  # [size, stride], outermost first, size-1 dims dropped
@@ -474,23 +527,27 @@ def _row_view(logits: torch.Tensor) -> torch.Tensor:
     return logits.as_strided((outer, inner, vocab), (outer_stride, inner_stride, 1))
 
 
-def rows_forward(rows, tokens, temperature, ignore_index, block_v=0, num_splits=0):
+def rows_forward(rows, tokens, temperature, ignore_index, block_v=0, num_splits=0, softcap=None):
     """Statistics of a [R, T1, V] row view (``tokens``: [N] int64, N = R * T1) on the backend of
-    its device: float32 ``(logprob, entropy, row_max, log_sum)``, each [N]."""
+    its device: float32 ``(logprob, entropy, row_max, log_sum)``, each [N]. With ``softcap`` c,
+    of the soft-capped logits ``c * tanh(x / c)`` (``row_max`` is then the capped maximum)."""
     if use_triton(rows.device):
-        return _triton_forward(rows, tokens, temperature, ignore_index, block_v, num_splits)
-    return _torch_forward(rows, tokens, temperature, ignore_index)
+        return _triton_forward(rows, tokens, temperature, ignore_index, block_v, num_splits,
+                               softcap)  # fmt: skip
+    return _torch_forward(rows, tokens, temperature, ignore_index, softcap)
 
 
 def rows_backward(rows, tokens, row_max, log_sum, entropy, grad_logprob, grad_entropy,
-                  temperature, ignore_index, out, block_v=0, num_splits=0):  # fmt: skip
+                  temperature, ignore_index, out, block_v=0, num_splits=0,
+                  softcap=None):  # fmt: skip
     """Writes the logits gradient of a [R, T1, V] row view into ``out`` ([N, V], contiguous,
     the logits dtype; ``out`` may be the row storage itself when that is contiguous) and
-    returns it. ``grad_logprob`` / ``grad_entropy`` are [N] float32 or None."""
+    returns it. ``grad_logprob`` / ``grad_entropy`` are [N] float32 or None. With ``softcap``,
+    the gradient with respect to the raw logits, through the soft cap."""
     args = (rows, tokens, row_max, log_sum, entropy, grad_logprob, grad_entropy, temperature)
     if use_triton(rows.device):
-        return _triton_backward(*args, ignore_index, block_v, num_splits, out)
-    return _torch_backward(*args, ignore_index, out)
+        return _triton_backward(*args, ignore_index, block_v, num_splits, softcap, out)
+    return _torch_backward(*args, ignore_index, out, softcap)
 
 
 # --------------------------------------------------------------------------------------------
@@ -501,17 +558,24 @@ def rows_backward(rows, tokens, row_max, log_sum, entropy, grad_logprob, grad_en
 def flat_ids(tokens: torch.Tensor) -> torch.Tensor:
     """Contiguous int64 ids (N elements, cheap): ignore_index and range comparisons stay exact
     for narrow integer dtypes (a uint8 tensor compared with -100 would wrap around)."""
-    return tokens.reshape(-1).to(torch.int64).contiguous()
+    ids = tokens if tokens.dim() == 1 else tokens.reshape(-1)
+    ids = ids if ids.dtype == torch.int64 else ids.long()
+    return ids if ids.is_contiguous() else ids.contiguous()
 
 
 def check_token_ids(tokens: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    """One reduction over the ids; skipped while a CUDA graph is captured (no host sync)."""
-    if tokens.numel() == 0 or validation.capturing_cuda_graph(tokens):
+    """One reduction over the ids; skipped while a CUDA graph is captured (no host sync) and
+    when ``validation.token_id_checks(False)`` turned it off."""
+    if (
+        tokens.numel() == 0
+        or not validation.token_id_checks_enabled()
+        or validation.capturing_cuda_graph(tokens)
+    ):
         return
     validation.check_index_range("tokens", tokens, vocab, ignore_index)
 
 
-@torch.library.custom_op("appo_kernels::token_stats_fwd", mutates_args=())
+@custom_op("appo_kernels::token_stats_fwd")
 def _token_stats_fwd(
     logits: torch.Tensor,
     tokens: torch.Tensor,
@@ -520,12 +584,14 @@ def _token_stats_fwd(
     block_v: int,
     num_splits: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    lead = logits.shape[:-1]
     ids = flat_ids(tokens)
     check_token_ids(ids, logits.shape[-1], ignore_index)
     if ids.numel() == 0:
-        return _empty_stats(lead, logits.device)
+        return _empty_stats(logits.shape[:-1], logits.device)
     out = rows_forward(_row_view(logits), ids, temperature, ignore_index, block_v, num_splits)
+    if logits.dim() == 2:
+        return out
+    lead = tuple(logits.shape[:-1])
     return tuple(t.view(lead) for t in out)
 
 
@@ -534,7 +600,7 @@ def _(logits, tokens, temperature, ignore_index, block_v, num_splits):
     return _empty_stats(logits.shape[:-1], logits.device)
 
 
-@torch.library.custom_op("appo_kernels::token_stats_bwd", mutates_args=())
+@custom_op("appo_kernels::token_stats_bwd")
 def _token_stats_bwd(
     logits: torch.Tensor,
     tokens: torch.Tensor,
@@ -597,21 +663,37 @@ def check_temperature(temperature: object) -> float:
     return temperature
 
 
-def _checked_args(logits, tokens, temperature, ignore_index, block_v, num_splits):
-    logits = validation.check_float("logits", logits)
-    tokens = validation.check_int("tokens", tokens)
+def check_token_args(logits, tokens, temperature, ignore_index) -> tuple[torch.Tensor, float]:
+    """Checks of ``tokens``, ``temperature`` and ``ignore_index`` against ``logits``, which the
+    caller has checked to be a floating tensor (``token_stats`` alone, ``branching_score``
+    together with its other inputs). Returns ``(tokens, temperature)``."""
     if logits.dim() < 1 or logits.shape[-1] < 1:
         raise ValueError(f"logits must be [..., V] with V >= 1, got shape {tuple(logits.shape)}")
+    tokens = validation.check_int("tokens", tokens)
     validation.check_shape("tokens", tokens, logits.shape[:-1], "logits.shape[:-1]")
     validation.check_same_device({"logits": logits, "tokens": tokens})
     temperature = check_temperature(temperature)
     validation.check_int64("ignore_index", ignore_index)
+    return tokens, temperature
+
+
+def _checked_args(logits, tokens, temperature, ignore_index, block_v, num_splits):
+    logits = validation.check_float("logits", logits)
+    tokens, temperature = check_token_args(logits, tokens, temperature, ignore_index)
     for name, value in (("_block_v", block_v), ("_num_splits", num_splits)):
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**16:
             raise ValueError(f"{name} must be an int in [0, 65536] (0 = automatic), got {value!r}")
     if block_v & (block_v - 1):
         raise ValueError(f"_block_v must be a power of two, got {block_v}")
     return logits, tokens, temperature
+
+
+def unchecked_forward(logits, tokens, temperature, ignore_index, block_v=0, num_splits=0):
+    """``(logprob, entropy, row_max, log_sum)`` of arguments already checked, recording nothing
+    for autograd: the body of ``token_stats_forward``, and what ``branching_score`` calls after
+    checking its own arguments."""
+    return _token_stats_fwd(detached(logits), tokens, temperature, ignore_index, block_v,
+                            num_splits)  # fmt: skip
 
 
 def token_stats(
@@ -683,7 +765,7 @@ def token_stats_forward(
     logits, tokens, temperature = _checked_args(
         logits, tokens, temperature, ignore_index, _block_v, _num_splits
     )
-    logprob, entropy, row_max, log_sum = _token_stats_fwd(
-        logits.detach(), tokens, temperature, ignore_index, _block_v, _num_splits
+    logprob, entropy, row_max, log_sum = unchecked_forward(
+        logits, tokens, temperature, ignore_index, _block_v, _num_splits
     )
     return TokenStatsForward(logprob, entropy, row_max / temperature + log_sum)

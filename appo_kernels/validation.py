@@ -6,8 +6,10 @@ device or value) with a message naming the argument, what was expected and what 
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -155,21 +157,64 @@ def capturing_cuda_graph(x: torch.Tensor) -> bool:
 
 def min_max(x: torch.Tensor) -> tuple[int | float, int | float]:
     """The smallest and largest value of a non-empty tensor, read with one host sync."""
-    low, high = torch.stack([x.min(), x.max()]).tolist()
+    low, high = torch.stack(torch.aminmax(x)).tolist()
     return low, high
 
 
 def check_index_range(name: str, x: torch.Tensor, upper: int, ignore_index: int) -> None:
-    """Every id of ``x`` in ``[0, upper)`` or equal to ``ignore_index`` (one reduction, a host
-    sync; the offending value is fetched only on failure). Compared as int64, so narrow integer
-    dtypes do not wrap ``upper`` or ``ignore_index`` around."""
+    """Every id of ``x`` in ``[0, upper)`` (``upper >= 1``) or equal to ``ignore_index``: the ids
+    that clamping into ``[0, upper)`` changes must be exactly the ``ignore_index`` ones (none when
+    ``ignore_index`` lies in the range). Four small ops and one host sync; the offending value
+    is fetched only on failure. Compared as int64, so narrow integer dtypes do not wrap
+    ``upper`` or ``ignore_index`` around."""
     x = x.to(torch.int64)
-    bad = ((x < 0) | (x >= upper)) & (x != ignore_index)
-    if bool(bad.any()):
+    outside = x.clamp(0, upper - 1) != x
+    if 0 <= ignore_index < upper:
+        valid = not bool(outside.any())
+    else:  # the ignore_index ids lie outside the range too
+        valid = torch.equal(outside, x == ignore_index)
+    if not valid:
         raise ValueError(
             f"{name} must hold ids in [0, {upper}) or ignore_index={ignore_index}, "
-            f"got {x[bad][0].item()}"
+            f"got {x[outside & (x != ignore_index)][0].item()}"
         )
+
+
+_TOKEN_ID_CHECKS_ENV = "APPO_KERNELS_CHECK_TOKEN_IDS"
+_token_id_checks = os.environ.get(_TOKEN_ID_CHECKS_ENV, "1").strip() != "0"
+
+
+def token_id_checks_enabled() -> bool:
+    """Whether the token-id range checks run (``token_id_checks``)."""
+    return _token_id_checks
+
+
+@contextlib.contextmanager
+def token_id_checks(enabled: bool) -> Iterator[None]:
+    """Turns the token-id range check of ``token_stats``, ``token_stats_forward``,
+    ``branching_score`` and ``linear_token_stats`` on or off inside the ``with`` block (for the
+    whole process, every thread; the previous setting comes back on exit).
+
+    The check is one reduction over the ids and a host sync: on CUDA tensors it stalls the
+    host until the GPU has caught up (docs/design.md, section 10.2, has its measured cost). With
+    it off, an id outside ``[0, V)`` other than ``ignore_index`` raises nothing: the kernels
+    never read out of bounds and give a NaN log-prob for it.
+    ``APPO_KERNELS_CHECK_TOKEN_IDS=0`` in the environment turns it off from the start. It is
+    always skipped while a CUDA graph is being captured.
+
+    >>> import torch, appo_kernels as ak
+    >>> with ak.token_id_checks(False):
+    ...     ak.token_stats(torch.zeros(1, 4), torch.tensor([7])).logprob
+    tensor([nan])
+    """
+    global _token_id_checks
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    previous, _token_id_checks = _token_id_checks, enabled
+    try:
+        yield
+    finally:
+        _token_id_checks = previous
 
 
 def check_device(name: str, device: object) -> torch.device:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import statistics
@@ -82,6 +83,27 @@ def run_child(script: str, argv: list[str]) -> str:
         [sys.executable, script, *argv], capture_output=True, text=True, check=True, env=env
     )
     return out.stdout.strip().splitlines()[-1]
+
+
+def load_file_module(package: str, relpath: str):
+    """The module at ``relpath`` inside an installed ``package``, imported on its own (without
+    running the package's ``__init__``, which for TRL and verl pulls in datasets / Ray that the
+    GPU image lacks); None where the package or the file is absent or does not import."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(spec.submodule_search_locations[0], relpath)
+    if not os.path.exists(path):
+        return None
+    name = f"_bench_{package}_{relpath.replace('/', '_').removesuffix('.py')}"
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except ImportError as exc:
+        print(f"  ({package}: {relpath} does not import here: {exc})")
+        return None
+    return module
 
 
 def cpu_name() -> str:

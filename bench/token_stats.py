@@ -9,7 +9,10 @@ Compares, on one device and in one run (so the numbers are ratios measured side 
   forward and forward + backward,
 - ``torch.compile`` of the same eager function, forward and forward + backward,
 - the eager function applied to row chunks (bounded memory, the usual hand-written workaround),
-- Liger-Kernel's fused cross-entropy for the log-prob alone (only where it is installed; CUDA).
+- TRL's Triton log-prob + entropy kernel (``trl/kernels/logprob_entropy.py``,
+  ``selective_log_softmax_and_entropy``), forward and forward + backward (CUDA, where TRL is
+  installed; the file is loaded on its own, so TRL's other dependencies need not be there),
+- Liger-Kernel's cross-entropy forward for the log-prob alone (CUDA, where it is installed).
 
 For each it prints the median time, the bytes moved per second (the logits read once by a
 forward, read and written by a backward, read twice and written once by forward + backward), that
@@ -34,6 +37,7 @@ from common import (
     copy_bandwidth,
     emit_table,
     high_water_kib,
+    load_file_module,
     median_time,
     peak_extra_cuda,
     reset_high_water_kib,
@@ -68,6 +72,12 @@ def liger_logprob(logits: torch.Tensor, tokens: torch.Tensor):
     from liger_kernel.transformers.functional import liger_cross_entropy
 
     return -liger_cross_entropy(logits, tokens, reduction="none")
+
+
+def trl_logprob_entropy() -> Callable | None:
+    """TRL's Triton ``selective_log_softmax_and_entropy(logits, index)``, or None without TRL."""
+    module = load_file_module("trl", "kernels/logprob_entropy.py")
+    return None if module is None else module.selective_log_softmax_and_entropy
 
 
 def has_liger() -> bool:
@@ -132,6 +142,10 @@ def implementations(device: torch.device) -> dict[str, tuple[Callable, int]]:
         "eager fwd+bwd": (forward_backward(eager_token_stats), 3),
         "torch.compile(eager) fwd+bwd": (forward_backward(compiled), 3),
     }
+    trl = trl_logprob_entropy() if device.type == "cuda" else None
+    if trl is not None:
+        impls["TRL Triton logprob+entropy"] = (forward_only(trl), 1)
+        impls["TRL Triton logprob+entropy fwd+bwd"] = (forward_backward(trl), 3)
     if device.type == "cuda" and has_liger():
         impls["liger cross_entropy (logprob only)"] = (forward_only(liger_logprob), 1)
     return impls

@@ -30,12 +30,17 @@ def token_stats_grad_ref(logits, tokens, grad_logprob, grad_entropy, **kwargs):
     return x.grad
 
 
-def linear_token_stats_ref(hidden, weight, tokens, bias=None, temperature=1.0, ignore_index=-100):
-    """float64 logits ``hidden @ weight.T + bias``, then ``token_stats_ref``; rows whose token is
+def linear_token_stats_ref(
+    hidden, weight, tokens, bias=None, temperature=1.0, ignore_index=-100, softcap=None
+):
+    """float64 logits ``hidden @ weight.T + bias`` (then ``softcap * tanh(logits / softcap)``
+    when given, as Gemma 2 caps them), then ``token_stats_ref``; rows whose token is
     ``ignore_index`` give (0, 0)."""
     logits = hidden.double() @ weight.double().t()
     if bias is not None:
         logits = logits + bias.double()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     logprob, entropy = token_stats_ref(logits, tokens, temperature, ignore_index)
     return logprob, entropy.masked_fill(tokens == ignore_index, 0.0)
 

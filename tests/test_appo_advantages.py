@@ -210,11 +210,13 @@ def test_bad_input_names_the_argument(index, value, error, match):
     [
         ("population", 0.4 / math.sqrt(0.24), -0.6 / math.sqrt(0.24)),
         ("sample", 0.4 / math.sqrt(0.3), -0.6 / math.sqrt(0.3)),
+        ("none", 0.4, -0.6),
     ],
 )
 def test_std_convention_hand_worked(std, one, zero):
     """Rewards [1, 0, 0, 1, 1]: mean 0.6, squared deviations sum to 1.2, so the variance is 0.24
-    (population, the default) or 0.3 (n − 1, verl's GRPO). A set of one gets 0 either way."""
+    (population, the default) or 0.3 (n − 1, verl's GRPO); "none" keeps R − mean. A set of one
+    gets 0 either way."""
     rewards = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0]
     args = as_tensors(rewards, [0] * 5 + [1], [False] * 6, [-1] * 6, [-1] * 6, [[1] * 3] * 6)
     got = procedure_advantages(*args, std=std)[:, 0].double()

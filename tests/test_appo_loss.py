@@ -248,6 +248,26 @@ def test_num_tokens_and_empty_mask():
     assert empty.item() == 0.0 and torch.all(lp.grad == 0) and metrics["tokens"] == 0
 
 
+@pytest.mark.parametrize("num_tokens", [None, 0, 0.0, 7])
+def test_empty_mini_batch_is_zero_whatever_the_count(num_tokens):
+    """The one rule for every loss (module docstring): no valid token gives loss 0 and a zero
+    gradient, a token count of 0 included (the global count of an all-padding batch); a count
+    of 0 with valid tokens is an error naming it."""
+    logprob, old, adv, mask, _, _ = random_batch(3)
+    lp = logprob.clone().requires_grad_()
+    entropy = torch.full_like(logprob, float("nan"))  # masked out: must not leak
+    loss, metrics = policy_loss(
+        lp, old, adv, torch.zeros_like(mask), num_tokens=num_tokens, entropy=entropy,
+        entropy_coef=0.1, ref_logprob=old,
+    )  # fmt: skip
+    loss.backward()
+    assert loss.item() == 0.0 and torch.all(lp.grad == 0)
+    assert all(value == value for value in metrics.values())  # no NaN diagnostics
+    if num_tokens == 0:
+        with pytest.raises(ValueError, match="num_tokens"):
+            policy_loss(logprob, old, adv, mask, num_tokens=num_tokens)
+
+
 def test_dual_clip_can_be_turned_off():
     logprob, old, adv, mask, _, _ = random_batch(11)
     lp = logprob.clone().requires_grad_()

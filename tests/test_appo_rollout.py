@@ -334,3 +334,44 @@ def test_rollout_bench_runs(tmp_path, monkeypatch):
     names = ["generate", "engine", "engine, separate prefills", "tool-loop engine"]
     assert [r[1] for r in rows] == names * 2
     assert [r[5] for r in rows if r[1] != "tool-loop engine"] == ["3"] * 3 + ["12"] * 3
+
+
+def test_resume_forks_the_shared_prefix_and_equals_a_fresh_prefill(tiny):
+    """resume: a prompt that extends part of a cached rollout with new tokens (a tool turn's
+    continuation) forks the shared part and feeds the rest; its samples equal those of a fresh
+    prefill of the whole prompt with the same generator; budgets are per rollout; with one
+    generator each, a rollout's samples do not depend on its batch."""
+    model, tokenizer = tiny
+    engine = _engine(model, tokenizer)
+    prompt = prompt_ids(tokenizer, "Be brief.", "What is 2+2?")
+    parents = engine.sample([prompt] * 2, [0, 0], torch.Generator().manual_seed(3))
+    extra = tokenizer.encode("<out>4</out>\n", add_special_tokens=False)
+    keep = len(parents[0].tokens) // 2
+    prompts = [prompt + parents[0].tokens[:keep] + extra, prompt + parents[1].tokens]
+    streams = [torch.Generator().manual_seed(11), torch.Generator().manual_seed(12)]
+    resumed = engine.resume(parents, prompts, streams, max_new_tokens=[5, 0])
+    assert resumed[0].reused_prefix == len(prompt) + keep  # the cached part, nothing after
+    assert resumed[0].prompt == prompts[0] and 0 < resumed[0].generated <= 5
+    assert resumed[1].tokens == [] and resumed[1].stop == "length" and resumed[1].sid is None
+    engine.release(parents + resumed)
+    assert engine.lm.cache.num_free_blocks == 64
+
+    fresh_engine = _engine(model, tokenizer, max_new_tokens=5)
+    alone = fresh_engine.sample([prompts[0]], [0], [torch.Generator().manual_seed(11)])[0]
+    together = fresh_engine.sample(
+        [prompts[0], prompt], [0, 0], [torch.Generator().manual_seed(11), streams[1]]
+    )[0]
+    fresh_engine.release([alone, together])
+    assert resumed[0].tokens == alone.tokens == together.tokens
+    torch.testing.assert_close(
+        torch.tensor(resumed[0].behavior_logprob),
+        torch.tensor(alone.behavior_logprob),
+        atol=1e-4,
+        rtol=1e-4,
+    )
+    with pytest.raises(ValueError, match="generator"):
+        engine.sample([prompt] * 2, [0, 0], [torch.Generator()])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        engine.resume(parents[:1], prompts[:1], max_new_tokens=[1, 2])
+    with pytest.raises(ValueError, match="cache sequence"):
+        engine.resume(parents[:1], prompts[:1])  # released

@@ -14,7 +14,7 @@ from appo.model import char_tokenizer, prompt_ids, tiny_model
 from appo.rollout import Rollout, RolloutBatch
 from appo.sampler import SamplerPolicy
 from appo.tasks import make_tasks
-from appo.trainer import Trainer, policy_token_stats, split_evenly
+from appo.trainer import Trainer, check_policy_model, policy_token_stats, split_evenly
 from appo_kernels import token_stats
 
 
@@ -236,9 +236,39 @@ def _qwen2_tiny():
     return Qwen2ForCausalLM(config).eval(), tokenizer
 
 
-@pytest.mark.parametrize("family", ["llama-tied-head", "qwen2-untied-head"])
+def _gemma2_tiny(softcap=1.0):
+    """A tiny Gemma 2 whose model soft-caps its logits (cap 1.0: a real cap, logits in [-1, 1])."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    tokenizer = char_tokenizer()
+    config = Gemma2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        layer_types=["full_attention"] * 2,
+        final_logit_softcapping=softcap,
+        pad_token_id=tokenizer.pad_token_id,
+        initializer_range=0.5,
+    )
+    torch.manual_seed(0)
+    return Gemma2ForCausalLM(config).eval(), tokenizer
+
+
+FAMILIES = {
+    "llama-tied-head": lambda: tiny_model(seed=3),
+    "qwen2-untied-head": _qwen2_tiny,
+    "gemma2-soft-capped-head": _gemma2_tiny,
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_policy_token_stats_from_hidden_states_match_full_logits(family):
-    model, tokenizer = tiny_model(seed=3) if family.startswith("llama") else _qwen2_tiny()
+    model, tokenizer = FAMILIES[family]()
+    check_policy_model(model)
     rollouts = []
     for i, text in enumerate(["<calc>1+2</calc>", "ab", "<answer>3</answer> and more"]):
         rollout = Rollout(group=0, prompt=prompt_ids(tokenizer, "sys", "q" * (i + 1)))
@@ -258,13 +288,28 @@ def test_policy_token_stats_from_hidden_states_match_full_logits(family):
     refuse = head.register_forward_hook(lambda *args: pytest.fail("the LM head module ran"))
     got, got_grads = loss_and_grads(policy_token_stats(model, batch))
     refuse.remove()
-    want, want_grads = loss_and_grads(token_stats(batch.response_logits(model), batch.tokens))
+    logits = batch.response_logits(model)
+    if family.startswith("gemma2"):
+        assert logits.abs().max() <= 1.0  # the model caps its own logits
+    want, want_grads = loss_and_grads(token_stats(logits, batch.tokens))
     mask = batch.policy_mask
     torch.testing.assert_close(got.logprob[mask], want.logprob[mask], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.entropy[mask], want.entropy[mask], rtol=1e-5, atol=1e-5)
     for a, b in zip(got_grads, want_grads):
         if b is not None:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "key, value", [("logit_scale", 0.0625), ("logits_scaling", 4.0), ("logit_softcapping", 1.0)]
+)
+def test_check_policy_model_refuses_logit_transforms_it_does_not_apply(key, value):
+    model, _ = tiny_model(seed=0)
+    setattr(model.config, key, value)
+    with pytest.raises(ValueError, match=f"{key}={value!r}"):
+        check_policy_model(model)
+    setattr(model.config, key, 1.0 if key != "logit_softcapping" else None)  # the identity
+    check_policy_model(model)
 
 
 def test_cold_start_refuses_no_tasks_and_bad_step_counts():

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 from reference import linear_token_stats_ref as reference_linear
-from utils import assert_close_scaled
+from utils import CustomOpCalls, assert_close_scaled
 
 import appo_kernels as ak
 from appo_kernels._backend import interpreter_enabled
@@ -188,6 +188,69 @@ def test_cuda_graph_captures_score_and_selection():
         assert torch.equal(got, want)
 
 
+def test_direct_path_equals_the_custom_ops_on_cuda():
+    """The direct eager path and the custom ops (forced by a dispatch mode) launch the same
+    kernels: values and gradients agree bit for bit on CUDA tensors."""
+    gen = torch.Generator().manual_seed(8)
+    B, T, V, H = 4, 64, 32000, 256
+    logits = torch.randn(B, T, V, generator=gen).to(CUDA, torch.bfloat16)
+    tokens = torch.randint(0, V, (B, T), generator=gen).to(CUDA)
+    tokens[:, ::9] = -100
+    hidden = torch.randn(B * T, H, generator=gen).to(CUDA, torch.bfloat16)
+    head = (torch.randn(V, H, generator=gen) / H**0.5).to(CUDA, torch.bfloat16)
+    behavior = (-torch.rand(B, T, generator=gen) * 5).to(CUDA)
+    mask = (torch.rand(B, T, generator=gen) < 0.8).to(CUDA)
+    group_ids = torch.tensor([0, 1, 0, 1], device=CUDA)
+
+    def run():
+        x = logits.clone().requires_grad_()
+        h, w = hidden.clone().requires_grad_(), head.clone().requires_grad_()
+        stats = ak.token_stats(x, tokens, temperature=0.8)
+        linear = ak.linear_token_stats(h, w, tokens.view(-1))
+        (stats.logprob.sum() + stats.entropy.sum() + linear.logprob.sum()).backward()
+        bs = ak.branching_score(logits, tokens, behavior, mask, gamma=0.99)
+        points = ak.select_branch_points(bs.score, mask, group_ids, 3, num_groups=2)
+        return [*stats, *linear, x.grad, h.grad, w.grad, *bs, *points]
+
+    with CustomOpCalls() as calls:
+        through_ops = run()
+    # (the backward ops run on autograd's device thread, which may not see the dispatch mode)
+    forward_ops = {"token_stats_fwd", "linear_token_stats_fwd", "branching_score_from_stats"}
+    assert forward_ops | {"select_branch_points"} <= set(calls.names)
+    for got, want in zip(run(), through_ops, strict=True):
+        torch.testing.assert_close(got, want, atol=0, rtol=0, equal_nan=True)
+
+
+def test_token_id_checks_off_means_no_host_sync():
+    """The token-id range check is the only host sync of token_stats and branching_score on
+    CUDA: with it off, a training-style forward + backward runs under
+    ``torch.cuda.set_sync_debug_mode("error")``; with it on, the check is what raises there."""
+    logits, tokens = random_logits(256, 32000, torch.bfloat16, seed=9)
+    logits, tokens = logits.to(CUDA).view(4, 64, -1), tokens.to(CUDA).view(4, 64)
+    behavior = torch.zeros(4, 64, device=CUDA)
+    mask = torch.ones(4, 64, dtype=torch.bool, device=CUDA)
+    x = logits.clone().requires_grad_()
+    ak.token_stats(x, tokens)  # compiles the kernels before the sync checks
+    ak.branching_score(logits, tokens, behavior, mask)
+    torch.cuda.synchronize()
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        with ak.token_id_checks(False):
+            stats = ak.token_stats(x, tokens)
+            (stats.logprob.sum() + 0.1 * stats.entropy.sum()).backward()
+            ak.branching_score(logits, tokens, behavior, mask)
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            ak.token_stats(x, tokens)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    bad = tokens.clone()
+    bad[0, 3] = 32000
+    with pytest.raises(ValueError, match="tokens"):
+        ak.token_stats(logits, bad)
+    with ak.token_id_checks(False):
+        assert ak.token_stats(logits, bad).logprob[0, 3].isnan()
+
+
 def test_torch_compile_inductor_forward_backward():
     logits, tokens = random_logits(64, 32000, torch.bfloat16, seed=6)
     logits, tokens = logits.to(CUDA).requires_grad_(), tokens.to(CUDA)
@@ -267,6 +330,57 @@ def test_linear_token_stats_matches_float64(dtype, chunk_size):
     for g, w in zip(got[2:], want[2:]):
         assert g.dtype == dtype
         assert_close_scaled(g, w, rel=1e-4 if dtype == torch.float32 else 5e-2)
+
+
+def test_linear_token_stats_soft_cap_matches_float64():
+    """The compiled kernels' in-register soft cap (forward and in-place backward), bf16 chunks of
+    a real vocabulary size, against float64 on the CPU."""
+    gen = torch.Generator().manual_seed(4)
+    rows, dim, vocab, cap = 700, 128, 32007, 8.0
+    hidden = torch.randn(rows, dim, generator=gen)
+    weight = torch.randn(vocab, dim, generator=gen) / dim**0.5 * 12  # logits past the cap
+    tokens = torch.randint(0, vocab, (rows,), generator=gen)
+    tokens[::7] = -100
+    g_lp, g_h = torch.randn(2, rows, generator=gen)
+
+    def run(device, dtype, fn):
+        leaves = [t.to(device, dtype).requires_grad_() for t in (hidden, weight)]
+        lp, h = fn(*leaves, tokens.to(device))
+        torch.autograd.backward((lp, h), (g_lp.to(device), g_h.to(device)))
+        return (lp, h, *(t.grad for t in leaves))
+
+    got = run(CUDA, torch.bfloat16, lambda h, w, y: ak.linear_token_stats(
+        h, w, y, chunk_size=256, softcap=cap))  # fmt: skip
+    want = run("cpu", torch.float64, lambda h, w, y: reference_linear(h, w, y, softcap=cap))
+    for g, w in zip(got[:2], want[:2]):
+        assert (g.cpu().double() - w).abs().max() <= 0.3
+    for g, w in zip(got[2:], want[2:]):
+        assert g.dtype == torch.bfloat16
+        assert_close_scaled(g, w, rel=5e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_linear_token_stats_under_cuda_autocast(dtype):
+    """Inside torch.autocast("cuda", dtype) with float32 inputs and ignored rows: forward and
+    backward run on the inputs cast to the autocast dtype (as linear does), float32 gradients."""
+    gen = torch.Generator().manual_seed(5)
+    rows, dim, vocab = 300, 64, 5003
+    hidden = torch.randn(rows, dim, generator=gen).to(CUDA)
+    weight = (torch.randn(vocab, dim, generator=gen) / dim**0.5 * 3).to(CUDA)
+    tokens = torch.randint(0, vocab, (rows,), generator=gen).to(CUDA)
+    tokens[::4] = -100
+    g_lp, g_h = torch.randn(2, rows, generator=gen).to(CUDA)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight)]
+    with torch.autocast("cuda", dtype):
+        lp, h = ak.linear_token_stats(*leaves, tokens, chunk_size=128)
+        torch.autograd.backward((lp, h), (g_lp, g_h))
+    cast = [t.to(dtype).requires_grad_() for t in (hidden, weight)]
+    want = ak.linear_token_stats(*cast, tokens, chunk_size=128)
+    torch.autograd.backward(tuple(want), (g_lp, g_h))
+    assert torch.equal(lp, want.logprob) and torch.equal(h, want.entropy)
+    for leaf, ref in zip(leaves, cast):
+        assert leaf.grad.dtype == torch.float32
+        assert_close_scaled(leaf.grad, ref.grad.float(), rel=1e-6)
 
 
 def test_linear_token_stats_torch_compile_inductor():

@@ -256,6 +256,36 @@ def test_kv_cache_full_leaves_state_unchanged():
     assert cache.seq_len(c) == 2 and cache.block_ids(c)[0] != cache.block_ids(a)[0]
 
 
+def test_grow_keeps_sequences_and_contents(gen):
+    """grow: live sequences keep their blocks, K/V, reference counts and statistics; the old free
+    blocks are handed out before the new ones; the new blocks serve reserve and fork; shrinking
+    or a non-int size is refused."""
+    cache = _cache(num_blocks=3)
+    a = cache.new_sequence()
+    slots = cache.reserve(a, 6)  # 2 blocks
+    key, value = (_randn((6, 2, 8), torch.float32, gen) for _ in range(2))
+    for layer in range(cache.num_layers):
+        cache.write(layer, key, value, slots)
+    (b,) = cache.fork(a, 1, at=5)  # shares block 0, its own tail copy: the pool is full
+    before = (cache.ref_counts, cache.block_ids(a), cache.block_ids(b), cache.stats)
+    with pytest.raises(KVCacheFull):
+        cache.reserve(a, 3)
+    cache.grow(6)
+    assert cache.num_blocks == 6 and cache.num_free_blocks == 3
+    assert (cache.ref_counts[:3], cache.block_ids(a), cache.block_ids(b), cache.stats) == before
+    assert cache.key_cache[0].shape[0] == 6 and cache.key_cache[0].data_ptr() == cache.kv.data_ptr()
+    keys, values, _ = cache.gather(1, [a, b])
+    torch.testing.assert_close(keys[0].transpose(0, 1), key, rtol=0, atol=0)
+    torch.testing.assert_close(values[1, :, :5].transpose(0, 1), value[:5], rtol=0, atol=0)
+    cache.reserve(a, 3)  # the third block of a: one of the new ones
+    assert max(cache.block_ids(a)) >= 3
+    cache.fork(a, 2)
+    with pytest.raises(ValueError, match="num_blocks"):
+        cache.grow(2)
+    with pytest.raises(TypeError, match="num_blocks"):
+        cache.grow(7.0)
+
+
 # ------------------------------------------------------------------------------------------------
 # random programs against a plain model
 # ------------------------------------------------------------------------------------------------

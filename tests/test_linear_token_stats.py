@@ -38,17 +38,20 @@ def grads_of(fn, inputs, g_lp, g_h):
     return (lp, h), [None if t is None else t.grad for t in leaves]
 
 
+@pytest.mark.parametrize("softcap", [None, 2.0], ids=["uncapped", "softcap"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("vocab", [1, 37])
-def test_values_and_gradients_match_float64(backend, dtype, vocab, gen):
+def test_values_and_gradients_match_float64(backend, dtype, vocab, softcap, gen):
     hidden, weight, bias, tokens = make_case(gen, 11, 8, vocab, dtype)
     g_lp, g_h = torch.randn(2, 11, generator=gen)
 
     def ours(h, w, b):
-        return ak.linear_token_stats(h, w, tokens, bias=b, temperature=0.8, chunk_size=4)
+        return ak.linear_token_stats(
+            h, w, tokens, bias=b, temperature=0.8, chunk_size=4, softcap=softcap
+        )
 
     def ref(h, w, b):
-        return reference_linear(h, w, tokens, b, temperature=0.8)
+        return reference_linear(h, w, tokens, b, temperature=0.8, softcap=softcap)
 
     (lp, h), got = grads_of(ours, (hidden, weight, bias), g_lp, g_h)
     (ref_lp, ref_h), want = grads_of(ref, (hidden, weight, bias), g_lp, g_h)
@@ -90,6 +93,89 @@ def test_no_rows_or_all_rows_ignored(backend, ignored, gen):
         torch.testing.assert_close(g_got.double(), g_want.double(), atol=1e-5, rtol=1e-5)
     if ignored == "all":
         assert (lp == 0).all() and (h == 0).all() and (got[0] == 0).all() and (got[1] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_soft_cap_saturated_and_masked_logits_match_float64(backend, dtype, gen):
+    """Logits far past the cap (tanh saturated, 1 - tanh^2 ~ 1e-8) and -inf bias entries (a
+    masked vocabulary entry becomes -c, as in the model): values and every gradient against
+    float64, an odd vocabulary, ignored rows, a chunk that does not divide N."""
+    n, dim, vocab, cap = 13, 8, 53, 1.0
+    hidden, weight, bias, tokens = make_case(gen, n, dim, vocab, dtype)
+    weight = (weight.float() * 6).to(dtype)  # logits of scale ~20 against a cap of 1
+    bias[::7] = float("-inf")
+    tokens[1] = 0  # a row whose token sits at a -inf (capped to -1) logit
+    g_lp, g_h = torch.randn(2, n, generator=gen)
+
+    def ours(h, w, b):
+        return ak.linear_token_stats(h, w, tokens, bias=b, chunk_size=5, softcap=cap)
+
+    def ref(h, w, b):
+        return reference_linear(h, w, tokens, b, softcap=cap)
+
+    (lp, h), got = grads_of(ours, (hidden, weight, bias), g_lp, g_h)
+    (ref_lp, ref_h), want = grads_of(ref, (hidden, weight, bias), g_lp, g_h)
+    assert torch.isfinite(lp).all() and torch.isfinite(h).all()
+    torch.testing.assert_close(lp.double(), ref_lp, **STATS_TOL[dtype])
+    torch.testing.assert_close(h.double(), ref_h, **STATS_TOL[dtype])
+    for name, g, w in zip(("hidden", "weight", "bias"), got, want):
+        assert g.dtype == dtype and torch.isfinite(g).all(), name
+        assert_close_scaled(g, w, GRAD_REL[dtype])
+    assert (got[2][::7] == 0).all()  # the cap is flat at -inf: no gradient reaches those entries
+
+
+def test_soft_cap_equals_token_stats_of_capped_logits(backend, gen):
+    """softcap=c gives token_stats(c tanh(logits / c) ) with the temperature after the cap (Gemma
+    2's order); a cap of 1.0 is a real cap, not the identity."""
+    hidden, weight, bias, tokens = make_case(gen, 9, 12, 50, torch.float32, ignore_every=0)
+    logits = hidden @ weight.t() + bias
+    for cap in (30.0, 1.0):
+        lp, h = ak.linear_token_stats(
+            hidden, weight, tokens, bias=bias, temperature=0.7, chunk_size=4, softcap=cap
+        )
+        want_lp, want_h = ak.token_stats(cap * torch.tanh(logits / cap), tokens, temperature=0.7)
+        torch.testing.assert_close(lp, want_lp, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(h, want_h, atol=1e-5, rtol=1e-5)
+    uncapped, _ = ak.linear_token_stats(hidden, weight, tokens, bias=bias, temperature=0.7)
+    assert (uncapped - lp).abs().max() > 0.5
+
+
+@pytest.mark.parametrize("backward_inside", [True, False], ids=["bwd-in", "bwd-out"])
+def test_autocast_casts_inputs_like_linear(backend, gen, backward_inside):
+    """Under CPU bf16 autocast, float32 inputs with ignored rows: the op runs on the inputs cast
+    to bf16, exactly as an explicit cast would (as linear does), and each gradient has its
+    input's dtype, whether backward runs inside the autocast region or after it."""
+    hidden, weight, bias, tokens = make_case(gen, 11, 8, 37, torch.float32)
+    g_lp, g_h = torch.randn(2, 11, generator=gen)
+
+    def ours(h, w, b):
+        return ak.linear_token_stats(h, w, tokens, bias=b, temperature=0.8, chunk_size=4)
+
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    with torch.autocast("cpu", torch.bfloat16):
+        lp, h = ours(*leaves)
+        if backward_inside:
+            torch.autograd.backward((lp, h), (g_lp, g_h))
+    if not backward_inside:
+        torch.autograd.backward((lp, h), (g_lp, g_h))
+    cast = [t.to(torch.bfloat16).requires_grad_() for t in (hidden, weight, bias)]
+    want_lp, want_h = ours(*cast)
+    torch.autograd.backward((want_lp, want_h), (g_lp, g_h))
+    assert torch.equal(lp, want_lp) and torch.equal(h, want_h)
+    for leaf, want in zip(leaves, cast):
+        assert leaf.grad.dtype == torch.float32
+        assert torch.equal(leaf.grad, want.grad.float())
+    # what the unfused path gives under the same autocast: linear (bf16) + token_stats
+    with torch.autocast("cpu", torch.bfloat16):
+        unfused = ak.token_stats(torch.nn.functional.linear(hidden, weight, bias), tokens,
+                                 temperature=0.8)  # fmt: skip
+    kept = tokens != -100
+    torch.testing.assert_close(lp[kept], unfused.logprob[kept], **STATS_TOL[torch.bfloat16])
+    # mixed dtypes are cast together, as linear casts them
+    with torch.autocast("cpu", torch.bfloat16):
+        mixed = ak.linear_token_stats(hidden.bfloat16(), weight, tokens, bias=bias)
+    explicit = ak.linear_token_stats(*cast[:2], tokens, bias=cast[2])
+    assert torch.equal(mixed.logprob, explicit.logprob)
 
 
 def test_tied_weight_gets_both_gradients(backend, gen):
@@ -193,6 +279,9 @@ def test_bad_inputs():
             )
     with pytest.raises(TypeError, match="dtype"):
         ak.linear_token_stats(h, w.half(), y)
+    for softcap in ("30", True, torch.tensor(30.0)):
+        with pytest.raises(TypeError, match="softcap"):
+            ak.linear_token_stats(h, w, y, softcap=softcap)
     value_errors = {
         "weight": [dict(weight=torch.randn(10, 5)), dict(weight=torch.randn(10)),
                    dict(weight=torch.randn(0, 4))],
@@ -200,6 +289,8 @@ def test_bad_inputs():
                    dict(tokens=torch.tensor([0, -3, 1]))],
         "bias": [dict(bias=torch.randn(9))],
         "temperature": [dict(temperature=0.0), dict(temperature=1e31), dict(temperature=2**2000)],
+        "softcap": [dict(softcap=0.0), dict(softcap=-30.0), dict(softcap=float("nan")),
+                    dict(softcap=float("inf")), dict(softcap=1e-31)],
         "chunk_size": [dict(chunk_size=0), dict(chunk_size=2**40)],
         "hidden": [dict(hidden=torch.randn(3, 0))],
     }  # fmt: skip

@@ -54,7 +54,21 @@ def _cases(gen):
         (
             "linear_token_stats_fwd",
             ops.linear_token_stats_fwd,
-            (hidden.requires_grad_(), head.requires_grad_(), bias, tokens.view(-1), 0.8, -100, 4),
+            (
+                hidden.requires_grad_(),
+                head.requires_grad_(),
+                bias,
+                tokens.view(-1),
+                0.8,
+                -100,
+                4,
+                None,
+            ),
+        ),  # fmt: skip
+        (
+            "linear_token_stats_fwd (soft-capped)",
+            ops.linear_token_stats_fwd,
+            (hidden, head, bias, tokens.view(-1), 0.8, -100, 4, 1.5),
         ),
         (
             "linear_token_stats_bwd",
@@ -71,6 +85,27 @@ def _cases(gen):
                 0.8,
                 -100,
                 4,
+                None,
+                True,
+                True,
+            ),
+        ),  # fmt: skip
+        (
+            "linear_token_stats_bwd (soft-capped)",
+            ops.linear_token_stats_bwd,
+            (
+                hidden.detach(),
+                head.detach(),
+                bias,
+                tokens.view(-1),
+                row_max.view(-1),
+                log_sum.view(-1),
+                entropy.view(-1),
+                *grads.view(2, -1),
+                0.8,
+                -100,
+                4,
+                1.5,
                 True,
                 True,
             ),
@@ -91,6 +126,7 @@ def _cases(gen):
                 1.0,
                 -100,
                 3,
+                None,
                 False,
                 False,
             ),

@@ -329,10 +329,12 @@ def _cases(dtype, arch):
         "cols_per_split": "i32",
         "inv_temp": "fp32",
         "ignore_index": "i32",
+        "softcap": "fp32",
     }
     merge = dict(fwd)
     del merge["cols_per_split"]
-    merge = {**merge, "num_splits": "i32", "inv_temp": "fp32", "ignore_index": "i32"}
+    merge = {**merge, "num_splits": "i32", "inv_temp": "fp32", "ignore_index": "i32",
+             "softcap": "fp32"}  # fmt: skip
     bwd = {
         "x_ptr": f"*{dtype}",
         "tokens_ptr": "*i64",
@@ -346,46 +348,46 @@ def _cases(dtype, arch):
         "cols_per_split": "i32",
         "inv_temp": "fp32",
         "ignore_index": "i32",
+        "softcap": "fp32",
     }
     split_aligned = (*ALIGNED, "cols_per_split")
-    return [
-        KernelCase(
-            MODULE,
-            "_token_stats_fwd_kernel",
-            fwd,
-            {"BLOCK_V": forward.block_v, "SPLIT": False},
-            split_aligned,
-            num_warps=forward.num_warps,
-            arch=arch,
-        ),
-        KernelCase(
-            MODULE,
-            "_token_stats_fwd_kernel",
-            fwd,
-            {"BLOCK_V": forward.block_v, "SPLIT": True},
-            split_aligned,
-            num_warps=forward.num_warps,
-            arch=arch,
-        ),
-        KernelCase(
-            MODULE,
-            "_token_stats_merge_kernel",
-            merge,
-            {"SPLITS_POW2": 128},
-            ALIGNED,
-            num_warps=1,
-            arch=arch,
-        ),
-        KernelCase(
-            MODULE,
-            "_token_stats_bwd_kernel",
-            bwd,
-            {"HAS_GRAD_LOGPROB": True, "HAS_GRAD_ENTROPY": True, "BLOCK_V": backward.block_v},
-            (*split_aligned, "dx_ptr"),
-            num_warps=backward.num_warps,
-            arch=arch,
-        ),
-    ]
+    cases = []
+    for softcap in (False, True):  # plain logits, and soft-capped (linear_token_stats)
+        bwd_constexprs = {"HAS_GRAD_LOGPROB": True, "HAS_GRAD_ENTROPY": True,
+                          "BLOCK_V": backward.block_v, "SOFTCAP": softcap}  # fmt: skip
+        cases += [
+            KernelCase(
+                MODULE,
+                "_token_stats_fwd_kernel",
+                fwd,
+                {"BLOCK_V": forward.block_v, "SPLIT": split, "SOFTCAP": softcap},
+                split_aligned,
+                num_warps=forward.num_warps,
+                arch=arch,
+            )
+            for split in (False, True)
+        ]
+        cases += [
+            KernelCase(
+                MODULE,
+                "_token_stats_merge_kernel",
+                merge,
+                {"SPLITS_POW2": 128, "SOFTCAP": softcap},
+                ALIGNED,
+                num_warps=1,
+                arch=arch,
+            ),
+            KernelCase(
+                MODULE,
+                "_token_stats_bwd_kernel",
+                bwd,
+                bwd_constexprs,
+                (*split_aligned, "dx_ptr"),
+                num_warps=backward.num_warps,
+                arch=arch,
+            ),
+        ]
+    return cases
 
 
 def test_kernels_compile_for_gpus_without_spills():

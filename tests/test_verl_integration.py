@@ -484,3 +484,202 @@ def test_select_branches_bad_input(gen):
         appo_verl.select_branches(batch, 0)
     with pytest.raises(ValueError, match="calculate_log_probs"):
         appo_verl.select_branches(batch, 2, rollout_log_prob_key="missing")
+
+
+# ---------------------------------------------------------------------------------------------
+# careless and hostile input (issue 18): each argument checked by name before use
+
+
+def _with(batch, **tensors):
+    """A copy of ``batch`` with some tensors replaced (widths may differ from the others')."""
+    out = DataProto.from_dict(
+        tensors={key: batch.batch[key] for key in batch.batch.keys()},
+        non_tensors=dict(batch.non_tensor_batch),
+    )
+    for key, value in tensors.items():
+        out.batch[key] = value
+    return out
+
+
+P = 5  # multi_turn_batch's prompt width
+LAYOUT_CASES = {
+    # responses narrower than response_mask: prefixes would pair wrong ids with masks
+    "responses-narrower": (lambda b: dict(responses=b["responses"][:, :-2]), ValueError),
+    # the response-only attention mask: prompt padding would enter the prefixes
+    "attention_mask-response-only": (
+        lambda b: dict(attention_mask=b["attention_mask"][:, P:]),
+        ValueError,
+    ),
+    # narrower than the prompts: was an IndexError naming nothing
+    "attention_mask-narrower-than-prompts": (
+        lambda b: dict(attention_mask=b["attention_mask"][:, :3]),
+        ValueError,
+    ),
+    "responses-float": (lambda b: dict(responses=b["responses"].float()), TypeError),
+    "prompts-float": (lambda b: dict(prompts=b["prompts"].float()), TypeError),
+    "response_mask-narrower": (lambda b: dict(response_mask=b["response_mask"][:, 1:]), ValueError),
+    "old_log_probs-narrower": (
+        lambda b: dict(old_log_probs=b["old_log_probs"][:, :-1]),
+        ValueError,
+    ),
+    "rollout_log_probs-int": (
+        lambda b: dict(rollout_log_probs=b["rollout_log_probs"].long()),
+        TypeError,
+    ),
+    "entropy-3d": (lambda b: dict(entropy=b["entropy"][:, :, None]), ValueError),
+}
+
+
+@pytest.mark.parametrize("case", list(LAYOUT_CASES))
+def test_select_branches_checks_the_batch_layout(case, gen):
+    batch = multi_turn_batch(gen, prompt_width=P)
+    change, error = LAYOUT_CASES[case]
+    change = change(batch.batch)
+    with pytest.raises(error, match=f"batch.batch\\['{next(iter(change))}'\\]"):
+        appo_verl.select_branches(_with(batch, **change), 2)
+
+
+@pytest.mark.parametrize(
+    "ids, error",
+    [
+        ([" ", "\n"], TypeError),  # token strings: map them with the tokenizer first
+        ("abc", TypeError),
+        ([3, 4.0], TypeError),  # a float id would have been truncated
+        ([True], TypeError),
+        (torch.tensor([3.0]), TypeError),
+        ([3, -1], ValueError),
+    ],
+    ids=["strings", "a-string", "float", "bool", "float-tensor", "negative"],
+)
+def test_select_branches_checks_exclude_token_ids(ids, error, gen):
+    batch = multi_turn_batch(gen)
+    with pytest.raises(error, match="exclude_token_ids"):
+        appo_verl.select_branches(batch, 2, exclude_token_ids=ids)
+
+
+def test_select_branches_exclude_token_ids_forms(gen):
+    batch = multi_turn_batch(gen)
+    want = appo_verl.select_branches(batch, 2, exclude_token_ids=[3, 4])
+    for ids in ({3, 4}, torch.tensor([[3], [4]]), np.array([4, 3, 10**12])):  # a huge id: no table
+        got = appo_verl.select_branches(batch, 2, exclude_token_ids=ids)
+        assert got.parent.tolist() == want.parent.tolist()
+        assert got.position.tolist() == want.position.tolist()
+
+
+def test_select_branches_refuses_a_batch_with_branch_rows(gen):
+    """After a first round the batch holds '<uid>#appo:<k>:<split>' rows: re-tagging them as
+    initial rollouts would lose parent and split, so the call is refused; a batch whose initial
+    rows are already tagged (no branch rows) branches as if untagged."""
+    batch = multi_turn_batch(gen)
+    first = appo_verl.select_branches(batch, 2)
+    tagged = _with(batch)
+    tagged.non_tensor_batch["uid"] = first.batch_uid
+    again = appo_verl.select_branches(tagged, 2)
+    assert again.uid.tolist() == first.uid.tolist()
+    assert list(again.batch_uid) == list(first.batch_uid)
+    with_branch = _with(batch)
+    uids = first.batch_uid.copy()
+    row = next(r for r in range(len(uids)) if r not in first.parent.tolist())
+    branch = next(u for u, p in zip(first.uid, first.parent.tolist()) if p // 3 == row // 3)
+    uids[row] = branch  # a branch row of the same group, its parent an initial row of the batch
+    with_branch.non_tensor_batch["uid"] = uids
+    assert appo_verl.is_branch_row(uids)[row]
+    with pytest.raises(ValueError, match="branch row"):
+        appo_verl.select_branches(with_branch, 2)
+    with_branch.non_tensor_batch["uid"] = np.array(["p0"] * 5, dtype=object)
+    with pytest.raises(ValueError, match="one uid per row"):
+        appo_verl.select_branches(with_branch, 2)
+
+
+@pytest.mark.parametrize("name", ["appo", "appo_dual_clip"])
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+@pytest.mark.parametrize("counts", ["direct call", "zero global counts"])
+def test_fully_masked_mini_batch_loss_is_zero(name, mode, counts, gen):
+    """One rule for every loss of the project (docs/design.md section 9): a mini-batch without a
+    response token gives loss 0 with a zero gradient (verl's agg_loss gave NaN), whatever count is
+    given; appo.loss.policy_loss does the same. A count of 0 for a mini-batch with tokens is an
+    error naming it."""
+    old, logprob, advantages, mask = random_batch(gen)
+    config = actor_config()
+    if counts == "zero global counts":
+        config.global_batch_info.update(dp_size=1, batch_num_tokens=0, global_batch_size=0)
+    empty = torch.zeros_like(mask)
+    loss_fn = core_algos.get_policy_loss_fn(name)
+    loss, metrics = loss_fn(old, logprob, advantages, empty, mode, config, None)
+    assert loss.item() == 0.0 and metrics["actor/ppo_kl"] == 0.0
+    (grad,) = torch.autograd.grad(loss, logprob)
+    assert (grad == 0).all()
+    if counts == "zero global counts":
+        key = "batch_num_tokens" if mode == "token-mean" else "global_batch_size"
+        with pytest.raises(ValueError, match=key):
+            loss_fn(old, logprob, advantages, mask, mode, config, None)
+    want, _ = policy_loss(logprob, old, advantages, empty, num_tokens=0)
+    assert want.item() == 0.0
+
+
+@pytest.mark.parametrize(
+    "key, change, error",
+    [
+        ("response_mask", lambda t: t[:, :-1], ValueError),
+        ("advantages", lambda t: t[:, :-1], ValueError),
+        ("old_log_prob", lambda t: t[:, :-1], ValueError),
+        ("log_prob", lambda t: t.long(), TypeError),
+        ("rollout_is_weights", lambda t: torch.ones(6, 19), ValueError),
+        ("response_mask", lambda t: t.tolist(), TypeError),
+    ],
+    ids=["mask-short", "adv-short", "old-short", "logprob-int", "weights-short", "mask-list"],
+)
+@pytest.mark.parametrize("name", ["appo", "appo_dual_clip"])
+def test_policy_losses_check_their_inputs(name, key, change, error, gen):
+    old, logprob, advantages, mask = random_batch(gen)
+    args = dict(old_log_prob=old, log_prob=logprob, advantages=advantages, response_mask=mask,
+                rollout_is_weights=torch.ones_like(old))  # fmt: skip
+    args[key] = change(args[key])
+    loss_fn = core_algos.get_policy_loss_fn(name)
+    with pytest.raises(error, match=key):
+        loss_fn(**args, loss_agg_mode="token-mean", config=actor_config())
+
+
+def test_estimator_and_helpers_check_their_inputs(gen):
+    rewards, mask = torch.rand(3, 5, generator=gen), torch.ones(3, 5)
+    uids = ["a", "a", "b"]
+    estimator = appo_verl.appo_advantage
+    cases = [
+        (dict(token_level_rewards=rewards[:, :-1]), ValueError, "response_mask"),
+        (dict(token_level_rewards=rewards.long()), TypeError, "token_level_rewards"),
+        (dict(token_level_rewards=rewards.sum(-1)), ValueError, "token_level_rewards"),
+        (dict(response_mask=mask[:2]), ValueError, "response_mask"),
+        (dict(index="aab"), TypeError, "index"),
+        (dict(index=uids[:2]), ValueError, "index"),
+    ]
+    for change, error, match in cases:
+        args = dict(token_level_rewards=rewards, response_mask=mask, index=uids) | change
+        with pytest.raises(error, match=match):
+            estimator(**args)
+    with pytest.raises(TypeError, match="uids"):
+        appo_verl.is_branch_row("a#appo:0:1")  # a string, not a list of uids
+    assert appo_verl.is_branch_row(np.array(["a#appo:0:1", "a#appo:0"])).tolist() == [True, False]
+
+
+def test_kernel_replacements_check_their_inputs_by_verl_names(gen):
+    logits = torch.randn(2, 4, 11, generator=gen)
+    labels = torch.randint(0, 11, (2, 4), generator=gen)
+    with pytest.raises(TypeError, match="labels"):
+        appo_verl.logprobs_from_logits(logits, labels.float())
+    with pytest.raises(ValueError, match="labels"):
+        appo_verl.logprobs_from_logits(logits, labels[:, 1:])
+    hidden, head = torch.randn(2, 4, 8, generator=gen), torch.randn(11, 8, generator=gen)
+    fused = appo_verl.FusedLinearForPPO()
+    with pytest.raises(TypeError, match="input_ids"):
+        fused(hidden, head, labels.float())  # was truncated to ids by .long()
+    with pytest.raises(TypeError, match="vocab_weights"):
+        fused(hidden, head.long(), labels)
+    with pytest.raises(ValueError, match="input_ids"):
+        fused(hidden, head, labels[:, :3])
+    import verl.utils.kernel.linear_cross_entropy as lce
+
+    replacement = appo_verl._linear_cross_entropy(lce.linear_cross_entropy)
+    with pytest.raises(TypeError, match="labels"):
+        replacement(hidden, head, labels.float())
+    got = replacement(hidden, head, labels)[0]
+    torch.testing.assert_close(got.view(2, 4), fused(hidden, head, labels)[0])

@@ -6,6 +6,23 @@ from __future__ import annotations
 import pytest
 import torch
 from aot import ARCHS, KernelCase, compile_kernels
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class CustomOpCalls(TorchDispatchMode):
+    """Records the ``appo_kernels`` custom ops that reach the dispatcher; being a dispatch mode,
+    it also makes every op of the package take its custom op rather than the direct eager path
+    (docs/design.md, section 2), so a call inside it is the custom-op twin of the same call
+    outside."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "appo_kernels":
+            self.names.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
 
 
 def random_mask(gen: torch.Generator, B: int, T: int, keep: float = 0.7) -> torch.Tensor:

@@ -6,7 +6,10 @@ and hands them, with the LM head's weight and bias, to ``linear_token_stats``: n
 logits, only the completion rows are scored (prompt and padding rows are ``ignore_index``), and
 the backward streams the vocabulary again. TRL's temperature, ``logits_to_keep``, completion
 padding (log-prob and entropy 0 there, as TRL writes them) and so its entropy masking
-(``top_entropy_quantile``) are kept. Vision inputs and MoE auxiliary losses go to TRL's own fused
+(``top_entropy_quantile``) are kept. A soft-capped model (Gemma 2's ``final_logit_softcapping``,
+any value) is scored with the cap before the temperature, as the model and TRL apply it; other
+logit transforms (``logit_scale`` and the like, where not 1.0) are refused at construction
+(``appo.model.lm_head_softcap``). Vision inputs and MoE auxiliary losses go to TRL's own fused
 LM head. Everything else is ``trl.GRPOTrainer``.
 """
 
@@ -24,26 +27,40 @@ except ImportError as error:  # pragma: no cover - exercised in an environment w
 import torch
 
 import appo_kernels
-
-# Config fields with which a model transforms its logits beyond ``hidden @ W.T + b``.
-_LOGIT_TRANSFORMS = (
-    "final_logit_softcapping",
-    "logit_scale",
-    "output_multiplier",
-    "lm_head_multiplier",
-    "logits_scaling",
-)
+from appo.model import lm_head_softcap
+from appo_kernels import validation
 
 
-def _check_plain_lm_head(model: torch.nn.Module) -> None:
-    config = model.config.get_text_config()
-    for name in _LOGIT_TRANSFORMS:
-        value = getattr(config, name, None)
-        if value is not None and value != 1.0:
-            raise ValueError(
-                f"KernelGRPOTrainer computes logits as hidden @ lm_head.weight.T + bias; the model "
-                f"config sets {name}={value!r}, which it does not apply: use trl.GRPOTrainer"
-            )
+def _fused_head(model: torch.nn.Module) -> tuple[torch.nn.Module, float | None]:
+    """The LM head (a module with a ``[V, H]`` weight) and the soft cap of ``model``; a clear
+    error for a model whose logits are not ``hidden @ weight.T + bias`` (soft-capped or not)."""
+    try:
+        softcap = lm_head_softcap(model.config)
+    except ValueError as error:
+        raise ValueError(f"KernelGRPOTrainer: {error}; use trl.GRPOTrainer") from None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise TypeError(
+            f"KernelGRPOTrainer needs a causal LM with a linear output head, got "
+            f"{type(model).__name__} whose get_output_embeddings() is {type(head).__name__}"
+        )
+    return head, softcap
+
+
+def _check_batch(input_ids: object, attention_mask: object, logits_to_keep: object) -> None:
+    """What the trainer reads from TRL's batch: ``[B, T]`` integer ids, a ``[B, T]`` mask and
+    ``1 <= logits_to_keep < T`` (the completion, after at least one prompt token)."""
+    input_ids = validation.check_int("input_ids", input_ids)
+    validation.check_ndim("input_ids", input_ids, 2, "[B, T]")
+    attention_mask = validation.check_mask("attention_mask", attention_mask)
+    validation.check_shape("attention_mask", attention_mask, input_ids.shape, "input_ids")
+    validation.check_count("logits_to_keep", logits_to_keep, 1)
+    if logits_to_keep >= input_ids.shape[1]:
+        raise ValueError(
+            f"logits_to_keep must be < input_ids.shape[1] = {input_ids.shape[1]} (at least one "
+            f"prompt token before the completion), got {logits_to_keep}"
+        )
 
 
 class KernelGRPOTrainer(GRPOTrainer):
@@ -52,7 +69,10 @@ class KernelGRPOTrainer(GRPOTrainer):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        _check_plain_lm_head(self.model)
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if hasattr(unwrapped, "get_base_model"):
+            unwrapped = unwrapped.get_base_model()
+        _fused_head(unwrapped)  # refuses a model it cannot score, before any training
 
     def _get_per_token_logps_and_entropies(
         self,
@@ -80,7 +100,8 @@ class KernelGRPOTrainer(GRPOTrainer):
         unwrapped = (
             unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
         )
-        head = unwrapped.get_output_embeddings()
+        head, softcap = _fused_head(unwrapped)  # the reference model's own (same family)
+        _check_batch(input_ids, attention_mask, logits_to_keep)
         captured: list[torch.Tensor] = []
         hook = unwrapped.base_model.register_forward_hook(
             lambda module, args, output: captured.append(output.last_hidden_state)
@@ -102,6 +123,7 @@ class KernelGRPOTrainer(GRPOTrainer):
                     labels,
                     bias=head.bias,
                     temperature=self.temperature,
+                    softcap=softcap,
                 )
                 logps.append(stats.logprob)
                 entropies.append(stats.entropy)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -51,9 +51,13 @@ import torch
 import appo_kernels
 from appo.advantages import procedure_advantages
 from appo.branching import branch_candidates, plan_branches
-from appo.loss import future_likelihood_scale, ppo_token_loss
-from appo_kernels import token_stats
-from appo_kernels.validation import check_count
+from appo.loss import (
+    check_loss_inputs,
+    check_token_count,
+    future_likelihood_scale,
+    ppo_token_loss,
+)
+from appo_kernels import token_stats, validation
 
 UID_TAG = "#appo:"
 
@@ -89,7 +93,17 @@ def _policy_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     if config is None:
         raise ValueError("config (verl's ActorConfig) is required by the APPO policy losses")
-    valid = response_mask.bool()
+    valid = check_loss_inputs(
+        {
+            "log_prob": log_prob,
+            "old_log_prob": old_log_prob,
+            "advantages": advantages,
+            "rollout_is_weights": rollout_is_weights,
+        },
+        response_mask,
+        optional=("rollout_is_weights",),
+        mask_name="response_mask",
+    )
     if scale:
         options = config.policy_loss
         kwargs = {
@@ -110,13 +124,19 @@ def _policy_loss(
         dual_clip=config.get("clip_ratio_c", 3.0),
     )
     if rollout_is_weights is not None:
-        token_loss = token_loss * rollout_is_weights
-    loss = core_algos.agg_loss(
-        loss_mat=token_loss,
-        loss_mask=response_mask,
-        loss_agg_mode=loss_agg_mode,
-        **config.global_batch_info,
-    )
+        token_loss = torch.where(valid, token_loss * rollout_is_weights, 0.0)
+    valid_tokens = int(valid.sum())
+    if valid_tokens == 0:
+        # appo.loss's rule for an empty mini-batch: 0 with a zero gradient, on the graph (verl's
+        # agg_loss divides by a count of 0 here, a NaN loss when no positive global count is set)
+        loss = token_loss.sum()
+    else:
+        loss = core_algos.agg_loss(
+            loss_mat=token_loss,
+            loss_mask=response_mask,
+            loss_agg_mode=loss_agg_mode,
+            **_checked_counts(config.global_batch_info, loss_agg_mode, valid_tokens),
+        )
     with torch.no_grad():
         count = valid.sum().clamp_min(1)
         metrics = {
@@ -126,6 +146,19 @@ def _policy_loss(
             ),
         }
     return loss, metrics
+
+
+def _checked_counts(info: Any, loss_agg_mode: str, valid_tokens: int) -> dict[str, Any]:
+    """verl's ``global_batch_info`` (the global counts ``agg_loss`` divides by), with the count
+    that ``loss_agg_mode`` divides by checked: > 0 for a mini-batch with ``valid_tokens``."""
+    info = dict(info or {})
+    key = "batch_num_tokens" if loss_agg_mode == "token-mean" else "global_batch_size"
+    value = info.get(key)
+    if value is not None and loss_agg_mode != "token-sum":
+        if isinstance(value, (torch.Tensor, np.number)):
+            value = value.item()
+        check_token_count(f"config.global_batch_info[{key!r}]", value, valid_tokens)
+    return info
 
 
 def appo_policy_loss(
@@ -174,8 +207,24 @@ def appo_dual_clip_loss(
     )
 
 
-def _parse_uids(index: Sequence[object], length: int) -> tuple[torch.Tensor, ...]:
-    """(group_ids, is_branch, parent, split) [R] from uids (module docstring)."""
+def _check_uids(name: str, uids: object, rows: int | None = None) -> Sequence[object]:
+    """A sequence of uids, ``rows`` of them when given (a list, tuple or array: not a string,
+    whose characters would pass for uids)."""
+    if isinstance(uids, (str, bytes)) or not isinstance(uids, (Sequence, np.ndarray)):
+        raise TypeError(
+            f"{name} must be a sequence of uids (verl's non_tensor_batch['uid']), got "
+            f"{type(uids).__name__}"
+        )
+    if rows is not None and len(uids) != rows:
+        raise ValueError(f"{name} must have one uid per row ({rows}), got {len(uids)}")
+    return uids
+
+
+def _parse_uids(
+    index: Sequence[object], length: int, name: str = "index"
+) -> tuple[torch.Tensor, ...]:
+    """(group_ids, is_branch, parent, split) [R] from uids (module docstring); errors name the
+    uids ``name``."""
     groups: dict[str, int] = {}
     initial_rows: dict[tuple[int, str], int] = {}
     rows = []
@@ -184,13 +233,13 @@ def _parse_uids(index: Sequence[object], length: int) -> tuple[torch.Tensor, ...
         fields = tail.split(":") if tagged else []
         if len(fields) > 2 or not all(field.isdigit() for field in fields):
             raise ValueError(
-                f"index[{row}] must be a uid, '<uid>{UID_TAG}<k>' or '<uid>{UID_TAG}<k>:<split>', "
-                f"got {uid!r}"
+                f"{name}[{row}] must be a uid, '<uid>{UID_TAG}<k>' or "
+                f"'<uid>{UID_TAG}<k>:<split>', got {uid!r}"
             )
         group_id = groups.setdefault(group, len(groups))
         if len(fields) == 1:
             if (group_id, fields[0]) in initial_rows:
-                raise ValueError(f"index[{row}]: initial rollout {uid!r} appears twice")
+                raise ValueError(f"{name}[{row}]: initial rollout {uid!r} appears twice")
             initial_rows[group_id, fields[0]] = row
         rows.append((group_id, fields))
     group_ids, is_branch, parent, split = [], [], [], []
@@ -200,7 +249,7 @@ def _parse_uids(index: Sequence[object], length: int) -> tuple[torch.Tensor, ...
         if len(fields) == 2:
             if (group_id, fields[0]) not in initial_rows:
                 raise ValueError(
-                    f"index[{row}] = {index[row]!r} is a branch of initial rollout {fields[0]}, "
+                    f"{name}[{row}] = {index[row]!r} is a branch of initial rollout {fields[0]}, "
                     "which is not in the batch"
                 )
             parent.append(initial_rows[group_id, fields[0]])
@@ -224,26 +273,35 @@ def appo_advantage(
     **unused: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """verl advantage estimator ``"appo"``: (advantages, returns), both the token advantages of
-    docs/design.md section 8, ``[R, T]`` float32 (branch rows get 0: drop them before the update
-    with ``is_branch_row``). ``index`` is verl's ``uid`` column (module docstring)."""
+    docs/design.md section 8, ``[R, T]`` float32. ``index`` is verl's ``uid`` column (module
+    docstring). Branch rows get 0 (drop them before the update with ``is_branch_row``) unless
+    ``config`` (``algorithm``) sets ``appo_train_branches``, which gives them their own ``Â_b``."""
+    check_loss_inputs(
+        {"token_level_rewards": token_level_rewards}, response_mask, mask_name="response_mask"
+    )
     if index is None:
         raise ValueError("index (verl's uid column) is required by the 'appo' estimator")
-    if len(index) != token_level_rewards.shape[0]:
-        raise ValueError(
-            f"index must have one uid per row ({token_level_rewards.shape[0]}), got {len(index)}"
-        )
+    _check_uids("index", index, token_level_rewards.shape[0])
     device = token_level_rewards.device
     group_ids, is_branch, parent, split = (
         x.to(device) for x in _parse_uids(index, response_mask.shape[-1])
     )
+    train_branches = config is not None and bool(config.get("appo_train_branches", False))
     advantages = procedure_advantages(
-        token_level_rewards.sum(dim=-1), group_ids, is_branch, parent, split, response_mask
+        token_level_rewards.sum(dim=-1),
+        group_ids,
+        is_branch,
+        parent,
+        split,
+        response_mask,
+        train_branches=train_branches,
     )
     return advantages, advantages
 
 
 def is_branch_row(uids: Sequence[object]) -> np.ndarray:
     """[R] bool: rows whose uid marks a branch rollout (``select_branches``'s ``uid``)."""
+    _check_uids("uids", uids)
     return np.array([str(uid).partition(UID_TAG)[2].count(":") == 1 for uid in uids], dtype=bool)
 
 
@@ -259,10 +317,20 @@ def register() -> None:
 # use_kernels: verl's log-prob / entropy functions on appo_kernels
 
 
+def _check_rows_and_ids(rows_name: str, rows: object, ids_name: str, ids: object) -> None:
+    """verl's names for what token_stats / linear_token_stats read: float ``[..., X]`` rows and
+    integer ids of shape ``rows.shape[:-1]`` (checked before an id tensor is cast, so float ids
+    are an error rather than silently truncated)."""
+    rows = validation.check_float(rows_name, rows)
+    ids = validation.check_int(ids_name, ids)
+    validation.check_shape(ids_name, ids, rows.shape[:-1], f"{rows_name}.shape[:-1]")
+
+
 def logprobs_from_logits(
     logits: torch.Tensor, labels: torch.Tensor, inplace_backward: bool = True
 ) -> torch.Tensor:
     """``verl.utils.torch_functional.logprobs_from_logits`` on ``token_stats`` (float32)."""
+    _check_rows_and_ids("logits", logits, "labels", labels)
     return token_stats(logits, labels).logprob
 
 
@@ -294,6 +362,8 @@ class FusedLinearForPPO(torch.nn.Module):
         input_ids: torch.Tensor,
         temperature: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_rows_and_ids("hidden_states", hidden_states, "input_ids", input_ids)
+        validation.check_float("vocab_weights", vocab_weights)
         stats = appo_kernels.linear_token_stats(
             hidden_states, vocab_weights, input_ids.long(), temperature=temperature
         )
@@ -310,6 +380,7 @@ def _linear_cross_entropy(original):
     ):
         if dist_process_group is not None or reduction != "none":
             return original(hidden, weight, labels, temperature, reduction, dist_process_group)
+        _check_rows_and_ids("hidden", hidden, "labels", labels)
         stats = appo_kernels.linear_token_stats(
             hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1).long(),
             temperature=float(temperature),
@@ -397,22 +468,103 @@ class Branches(NamedTuple):
     batch_uid: np.ndarray  # [B] object: new uids for the batch's rows, '<uid>#appo:<k>'
 
 
-def _tensor(batch: DataProto, key: str, hint: str = "") -> torch.Tensor:
+def _tensor(batch: DataProto, key: str, hint: str = "") -> tuple[str, torch.Tensor]:
+    """(the name errors give it, ``batch.batch[key]``)."""
     if key not in batch.batch.keys():
         raise ValueError(
             f"batch.batch must hold {key!r}{hint}; it has {sorted(batch.batch.keys())}"
         )
-    return batch.batch[key]
+    return f"batch.batch[{key!r}]", batch.batch[key]
+
+
+def _blank_table(exclude_token_ids: object, responses: torch.Tensor) -> torch.Tensor | None:
+    """``branch_candidates``' bool table of the excluded ids, as long as the largest response id
+    needs (an id past every response token can exclude nothing, so a huge id costs nothing)."""
+    if exclude_token_ids is None:
+        return None
+    name = "exclude_token_ids"
+    if isinstance(exclude_token_ids, torch.Tensor):
+        ids = validation.check_int(name, exclude_token_ids).flatten().to(torch.int64)
+    else:
+        if isinstance(exclude_token_ids, (str, bytes)) or not isinstance(
+            exclude_token_ids, Iterable
+        ):
+            raise TypeError(
+                f"{name} must be a collection of integer token ids or an integer tensor, got "
+                f"{type(exclude_token_ids).__name__}"
+            )
+        for i, token in enumerate(exclude_token_ids):
+            if isinstance(token, (bool, np.bool_)) or not isinstance(token, (int, np.integer)):
+                raise TypeError(
+                    f"{name} must hold integer token ids, got {token!r} "
+                    f"({type(token).__name__}) at position {i}; map token strings to ids with "
+                    "the tokenizer first (tokenizer.convert_tokens_to_ids)"
+                )
+        ids = torch.tensor([int(token) for token in exclude_token_ids], dtype=torch.int64)
+    if ids.numel() and int(ids.min()) < 0:
+        raise ValueError(f"{name} must hold token ids >= 0, got {int(ids.min())}")
+    size = int(responses.max()) + 1 if responses.numel() else 0
+    ids = ids[ids < size].to(responses.device)
+    table = torch.zeros(size, dtype=torch.bool, device=responses.device)
+    return table.index_fill_(0, ids, True)
+
+
+def _checked_batch(batch: DataProto, entropy_key: str, log_prob_key: str,
+                   rollout_log_prob_key: str):  # fmt: skip
+    """What ``select_branches`` reads, validated by name: integer ``responses`` [B, T] and
+    ``prompts`` [B, P], masks ``response_mask`` [B, T] (as bool) and ``attention_mask``
+    [B, P + T], float [B, T] entropies and log-probs, one device, B uids of initial rollouts."""
+    r_name, responses = _tensor(batch, "responses")
+    p_name, prompts = _tensor(batch, "prompts")
+    m_name, response_mask = _tensor(batch, "response_mask")
+    a_name, attention_mask = _tensor(batch, "attention_mask")
+    stats = [
+        _tensor(batch, entropy_key, " (compute_log_prob with calculate_entropy=True)"),
+        _tensor(batch, log_prob_key, " (compute_log_prob)"),
+        _tensor(
+            batch, rollout_log_prob_key, " (actor_rollout_ref.rollout.calculate_log_probs=True)"
+        ),
+    ]
+    validation.check_ndim(r_name, validation.check_int(r_name, responses), 2, "[B, T]")
+    rows, length = responses.shape
+    validation.check_ndim(p_name, validation.check_int(p_name, prompts), 2, "[B, P]")
+    validation.check_shape(p_name, prompts, (rows, prompts.shape[1]), f"[B, P], B from {r_name}")
+    validation.check_shape(m_name, validation.check_mask(m_name, response_mask), responses.shape,
+                           r_name)  # fmt: skip
+    validation.check_shape(
+        a_name,
+        validation.check_mask(a_name, attention_mask),
+        (rows, prompts.shape[1] + length),
+        f"[B, P + T]: the prompts' and the responses' columns, P from {p_name}, T from {r_name}",
+    )
+    for name, x in stats:
+        validation.check_shape(name, validation.check_float(name, x), responses.shape, r_name)
+    named = {r_name: responses, p_name: prompts, m_name: response_mask, a_name: attention_mask}
+    validation.check_same_device(named | dict(stats))
+    if "uid" not in batch.non_tensor_batch:
+        raise ValueError("batch.non_tensor_batch must hold 'uid' (the prompt group of each row)")
+    u_name = "batch.non_tensor_batch['uid']"
+    uids = _check_uids(u_name, batch.non_tensor_batch["uid"], rows)
+    is_branch = _parse_uids(uids, length, u_name)[1]
+    if bool(is_branch.any()):
+        row = int(is_branch.nonzero()[0])
+        raise ValueError(
+            f"{u_name}[{row}] = {uids[row]!r} is a branch row (from an earlier select_branches): "
+            "select_branches takes a batch of initial rollouts; drop the branch rows first "
+            "(batch[~is_branch_row(uids)])"
+        )
+    return responses, response_mask.bool(), prompts, attention_mask, [x for _, x in stats]
 
 
 def select_branches(
     batch: DataProto,
     budget: int,
     *,
+    rule: str = "appo",
     keep_selected_token: bool = False,
     gamma: float = 1.0,
     clip: float = 0.2,
-    exclude_token_ids: Sequence[int] | torch.Tensor | None = None,
+    exclude_token_ids: Iterable[int] | torch.Tensor | None = None,
     entropy_key: str = "entropy",
     log_prob_key: str = "old_log_probs",
     rollout_log_prob_key: str = "rollout_log_probs",
@@ -426,43 +578,40 @@ def select_branches(
     are not in ``exclude_token_ids`` (e.g. whitespace-only tokens).
 
     Args:
-        batch: verl ``DataProto`` with ``prompts`` (left-padded), ``responses``,
-            ``attention_mask``, ``response_mask``, the entropy and log-prob columns named below
-            (verl's ``compute_log_prob`` with entropy, and ``rollout.calculate_log_probs=True``)
-            and ``non_tensor_batch["uid"]``.
+        batch: verl ``DataProto`` of initial rollouts with integer ``prompts`` ``[B, P]``
+            (left-padded) and ``responses`` ``[B, T]``, ``attention_mask`` ``[B, P + T]``,
+            ``response_mask`` ``[B, T]``, the float ``[B, T]`` entropy and log-prob columns named
+            below (verl's ``compute_log_prob`` with entropy, and
+            ``rollout.calculate_log_probs=True``) and ``non_tensor_batch["uid"]``. Each is checked
+            by name before use. A batch that still holds branch rows (uids
+            ``<uid>#appo:<k>:<split>``, from an earlier call) is refused: their parent and split
+            would be lost; drop them first (``is_branch_row``).
         budget: branch points per prompt group (>= 1).
+        rule: the branch-point rule, a name in ``appo.branching.RULES`` (docs/design.md section
+            7.1a); ``"appo"`` is the Branching Score described above.
         keep_selected_token: keep the chosen token and re-sample from the next one (the paper
             code's variant); a row's last generated token is then never chosen.
         gamma, clip: future-value discount and clip (docs/design.md section 5).
+        exclude_token_ids: token ids (ints or an integer tensor, >= 0) never branched at;
+            token strings are a ``TypeError`` (map them with the tokenizer first).
 
     Returns:
         ``Branches``. Set ``batch.non_tensor_batch["uid"] = branches.batch_uid``, give each
         branch row ``branches.uid``, and verl's ``compute_advantage`` with
         ``adv_estimator="appo"`` credits every branch to its parent's prefix.
     """
-    budget = check_count("budget", budget, 1)
-    prompts = _tensor(batch, "prompts")
-    responses = _tensor(batch, "responses")
-    attention_mask = _tensor(batch, "attention_mask")
-    response_mask = _tensor(batch, "response_mask").bool()
-    entropy = _tensor(batch, entropy_key, " (compute_log_prob with calculate_entropy=True)")
-    log_prob = _tensor(batch, log_prob_key, " (compute_log_prob)")
-    rollout_log_prob = _tensor(
-        batch, rollout_log_prob_key, " (actor_rollout_ref.rollout.calculate_log_probs=True)"
+    budget = validation.check_count("budget", budget, 1)
+    responses, response_mask, prompts, attention_mask, stats = _checked_batch(
+        batch, entropy_key, log_prob_key, rollout_log_prob_key
     )
-    if "uid" not in batch.non_tensor_batch:
-        raise ValueError("batch.non_tensor_batch must hold 'uid' (the prompt group of each row)")
+    entropy, log_prob, rollout_log_prob = stats
     group_uids = [str(uid).partition(UID_TAG)[0] for uid in batch.non_tensor_batch["uid"]]
     names, group_ids = np.unique(np.array(group_uids, dtype=object), return_inverse=True)
     device = responses.device
 
-    blank = None
-    if exclude_token_ids is not None:
-        excluded = torch.as_tensor(exclude_token_ids, dtype=torch.int64, device=device).flatten()
-        size = int(excluded.max()) + 1 if excluded.numel() else 0
-        blank = torch.zeros(size, dtype=torch.bool, device=device).index_fill_(0, excluded, True)
+    blank = _blank_table(exclude_token_ids, responses)
     plan = plan_branches(
-        "appo",
+        rule,
         entropy=entropy,
         logprob=log_prob,
         behavior_logprob=rollout_log_prob,

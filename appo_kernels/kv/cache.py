@@ -287,6 +287,29 @@ class PagedKVCache:
             self._release(block)
         del self._seqs[sid]
 
+    def grow(self, num_blocks: int) -> None:
+        """Enlarges the pool to ``num_blocks`` blocks (at least the current count): live sequences,
+        block ids, reference counts and statistics are kept, the new blocks are free. The pool is
+        reallocated and copied once, so take the views ``key_cache`` / ``value_cache`` anew after
+        a call."""
+        check_count("num_blocks", num_blocks, minimum=self.num_blocks)
+        if num_blocks == self.num_blocks:
+            return
+        with torch.inference_mode(False):
+            kv = torch.zeros(
+                self.kv.shape[:2] + (num_blocks,) + self.kv.shape[3:],
+                dtype=self.dtype,
+                device=self.device,
+            )
+        kv[:, :, : self.num_blocks] = self.kv
+        self.kv = kv
+        self.key_cache = tuple(kv[layer, 0] for layer in range(self.num_layers))
+        self.value_cache = tuple(kv[layer, 1] for layer in range(self.num_layers))
+        # the new ids go under the stack's top, so the old free blocks are handed out first
+        self._free[:0] = range(num_blocks - 1, self.num_blocks - 1, -1)
+        self._ref_counts.extend([0] * (num_blocks - self.num_blocks))
+        self.num_blocks = num_blocks
+
     # ------------------------------------------------------------------------------------------
     # data
     # ------------------------------------------------------------------------------------------

@@ -8,7 +8,11 @@ completions, so their losses and rewards agree, and the peak memory of the two c
     python examples/trl/grpo_tiny.py                  # KernelGRPOTrainer
     python examples/trl/grpo_tiny.py --trainer stock  # trl.GRPOTrainer
 
-It prints one JSON line: per-step losses and rewards and the peak resident memory of training.
+``--family gemma2 --softcap 1.0`` trains a tiny random ``Gemma2ForCausalLM`` instead, whose logits
+the model soft-caps (``final_logit_softcapping``): KernelGRPOTrainer applies the same cap.
+
+It prints one JSON line: per-step losses, rewards, entropies and gradient norms and the peak
+resident memory of training.
 """
 
 from __future__ import annotations
@@ -21,7 +25,13 @@ import tempfile
 import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 from trl import GRPOConfig, GRPOTrainer
 
 from appo.integrations.trl import KernelGRPOTrainer
@@ -38,8 +48,14 @@ def build_tokenizer(words: int) -> PreTrainedTokenizerFast:
     )
 
 
-def build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> LlamaForCausalLM:
-    config = LlamaConfig(
+def build_model(
+    tokenizer: PreTrainedTokenizerFast,
+    seed: int,
+    family: str = "llama",
+    softcap: float | None = None,
+) -> LlamaForCausalLM | Gemma2ForCausalLM:
+    """A random tiny causal LM: Llama, or Gemma 2 with ``final_logit_softcapping=softcap``."""
+    sizes = dict(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
@@ -52,8 +68,13 @@ def build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> LlamaForCausal
         bos_token_id=None,
         initializer_range=0.5,
     )
+    if family == "gemma2":
+        config = Gemma2Config(**sizes, head_dim=16, final_logit_softcapping=softcap)
+        model_class = Gemma2ForCausalLM
+    else:
+        config, model_class = LlamaConfig(**sizes), LlamaForCausalLM
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
+    return model_class(config)
 
 
 def even_words(completions: list[str], **_) -> list[float]:
@@ -70,7 +91,14 @@ def peak_rss_mb() -> float:
         return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
 
 
-def train(trainer_name: str, steps: int, words: int, seed: int) -> dict:
+def train(
+    trainer_name: str,
+    steps: int,
+    words: int,
+    seed: int,
+    family: str = "llama",
+    softcap: float | None = None,
+) -> dict:
     tokenizer = build_tokenizer(words)
     prompts = [" ".join(f"w{(7 * i + j) % words}" for j in range(6)) for i in range(16)]
     with tempfile.TemporaryDirectory() as output_dir:
@@ -94,7 +122,7 @@ def train(trainer_name: str, steps: int, words: int, seed: int) -> dict:
         )
         trainer_class = KernelGRPOTrainer if trainer_name == "kernel" else GRPOTrainer
         # a local directory: with beta > 0, TRL loads the reference model from the same path
-        build_model(tokenizer, seed).save_pretrained(f"{output_dir}/model")
+        build_model(tokenizer, seed, family, softcap).save_pretrained(f"{output_dir}/model")
         trainer = trainer_class(
             model=f"{output_dir}/model",
             reward_funcs=even_words,
@@ -113,6 +141,7 @@ def train(trainer_name: str, steps: int, words: int, seed: int) -> dict:
         "loss": [entry["loss"] for entry in logs],
         "reward": [entry["reward"] for entry in logs],
         "entropy": [entry["entropy"] for entry in logs],
+        "grad_norm": [entry["grad_norm"] for entry in logs],
         "peak_extra_rss_mb": peak - before,
     }
 
@@ -123,8 +152,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--words", type=int, default=32000, help="vocabulary size")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--family", choices=["llama", "gemma2"], default="llama")
+    parser.add_argument(
+        "--softcap", type=float, default=None, help="gemma2's final_logit_softcapping"
+    )
     args = parser.parse_args(argv)
-    print(json.dumps(train(args.trainer, args.steps, args.words, args.seed)))
+    result = train(args.trainer, args.steps, args.words, args.seed, args.family, args.softcap)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
