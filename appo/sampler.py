@@ -68,6 +68,12 @@ class SamplerPolicy:
     def reset(self) -> None:
         self._versions.clear()
 
+    @classmethod
+    def named(cls, policy: torch.nn.Module, sampler_dtype: str, lag: int = 0) -> SamplerPolicy:
+        """The sampler of ``sampler_dtype``, one of :data:`SAMPLER_DTYPES`'s names."""
+        dtype, rounding = SAMPLER_DTYPES[sampler_dtype]
+        return cls(policy, dtype, lag, rounding=rounding)
+
     @torch.no_grad()
     def before_update(self) -> None:
         """Keeps the policy's present weights as a version (nothing when ``lag == 0``)."""

@@ -37,7 +37,7 @@ from appo.config import TrainConfig
 from appo.loss import KL_CLAMP, future_likelihood_scale, policy_loss
 from appo.model import blank_token_table, lm_head_softcap, prompt_ids
 from appo.rollout import Rollout, RolloutBatch, RolloutConfig, RolloutEngine
-from appo.sampler import SAMPLER_DTYPES, SamplerPolicy
+from appo.sampler import SamplerPolicy
 from appo.tasks import Task, demonstration, reward, system_prompt
 from appo.tools import observation_spans
 from appo_kernels import TokenStats, discounted_future_sum, future_value, linear_token_stats
@@ -174,8 +174,7 @@ class Trainer:
         )
         keep_reference = config.kl_coef > 0 or track_kl
         self.reference = copy.deepcopy(model).requires_grad_(False) if keep_reference else None
-        dtype, rounding = SAMPLER_DTYPES[config.sampler_dtype]
-        self.sampler = SamplerPolicy(model, dtype, config.sampler_lag, rounding=rounding)
+        self.sampler = SamplerPolicy.named(model, config.sampler_dtype, config.sampler_lag)
 
         per_step = config.prompts_per_step * (config.n + config.b)
         sequence_tokens = (

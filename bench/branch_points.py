@@ -1,7 +1,7 @@
 """Does the Branching Score pick the decisions that matter? Each branch-point rule on the same
 initial rollouts of the same checkpoint, with K branches from every point.
 
-For each seed: one checkpoint (the setting's cold start), ``prompts`` training questions with
+One checkpoint (the setting's cold start); for each seed, ``prompts`` training questions with
 ``n`` initial rollouts each, scored once by the policy (π_old, entropies) against the bf16
 behaviour policy that sampled them. Every rule of ``appo.branching.RULES`` then picks ``budget``
 points per prompt from those same rollouts and statistics (the trainer's candidates: sampled,
@@ -47,6 +47,7 @@ from appo.tasks import make_tasks
 from appo.tools import TOOL_NAMES
 from appo.trainer import Trainer
 
+CHECKPOINT_SEED = 0  # the one checkpoint every seed's rollouts come from
 CALL = re.compile("|".join(f"<{tool}>.*?</{tool}>" for tool in TOOL_NAMES), re.DOTALL)
 
 
@@ -103,15 +104,16 @@ def checkpoint(setting: Setting, seed: int, device):
     return trainer, steps
 
 
-def measure_seed(setting: Setting, seed: int, device) -> dict:
-    trainer, steps = checkpoint(setting, seed, device)
+def measure_seed(setting: Setting, trainer: Trainer, seed: int) -> dict:
+    """Every rule on one draw of questions and initial rollouts (``seed``) of the checkpoint."""
     tokenizer = trainer.tokenizer
+    trainer.generator.manual_seed(seed)
     tasks = make_tasks(seed + 3, setting.prompts, "train")
     prompts = trainer.prompts(tasks)
     groups = [g for g in range(len(prompts)) for _ in range(setting.n)]
     trainer.sampler.use_behaviour()
     initial = trainer.engine.sample([prompts[g] for g in groups], groups, trainer.generator)
-    result = {"seed": seed, "cold_start_steps": steps, "rules": {}}
+    result = {"seed": seed, "rules": {}}
     try:
         scored = trainer.score(initial)
         batch = scored.batch
@@ -206,14 +208,14 @@ def table(seeds: list[dict]) -> dict[str, dict[str, tuple[float, float]]]:
     return out
 
 
-def markdown(name: str, setting: Setting, seeds: list[dict], summary: dict, header: str) -> str:
+def markdown(name, setting, seeds, summary, header, cold_start_steps) -> str:
     lines = [
         f"# Branch points ({name})",
         "",
         header,
-        f"Setting: {json.dumps(asdict(setting))}; seeds {[s['seed'] for s in seeds]} "
-        f"(cold-start steps {[s['cold_start_steps'] for s in seeds]}, initial-rollout reward "
-        f"{[round(s['initial_reward'], 3) for s in seeds]}).",
+        f"Setting: {json.dumps(asdict(setting))}; one checkpoint ({cold_start_steps} cold-start "
+        f"steps, seed {CHECKPOINT_SEED}); seeds {[s['seed'] for s in seeds]} draw the questions "
+        f"and rollouts (initial-rollout reward {[round(s['initial_reward'], 3) for s in seeds]}).",
         "Mean over seeds ± the 95% t-interval's half-width.",
         "",
         "| rule | " + " | ".join(title for _, title in COLUMNS) + " |",
@@ -270,9 +272,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     setting, device = SETTINGS[args.setting], torch.device(args.device)
     started = time.perf_counter()
+    trainer, cold_start_steps = checkpoint(setting, CHECKPOINT_SEED, device)
     seeds = []
     for seed in range(args.seeds):
-        seeds.append(measure_seed(setting, seed, device))
+        seeds.append(measure_seed(setting, trainer, seed))
         print(f"seed {seed}: {time.perf_counter() - started:.0f} s", flush=True)
     summary = table(seeds)
     import transformers
@@ -286,8 +289,14 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"branch_points_{args.setting}"
-    stem.with_suffix(".md").write_text(markdown(args.setting, setting, seeds, summary, header))
-    stem.with_suffix(".json").write_text(json.dumps({"setting": asdict(setting), "seeds": seeds}))
+    stem.with_suffix(".md").write_text(
+        markdown(args.setting, setting, seeds, summary, header, cold_start_steps)
+    )
+    stem.with_suffix(".json").write_text(
+        json.dumps(
+            {"setting": asdict(setting), "cold_start_steps": cold_start_steps, "seeds": seeds}
+        )
+    )
     plot(summary, seeds, stem.with_suffix(".png"), f"{args.setting}: where each rule branches")
     print(stem.with_suffix(".md").read_text())
     return 0

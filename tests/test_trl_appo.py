@@ -32,6 +32,7 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 
 from appo.advantages import procedure_advantages
+from appo.branching import branch_candidates
 from appo.integrations import trl_appo
 from appo.integrations.trl_appo import APPOConfig, APPOTrainer, assign_branches
 from appo.loss import KL_CLAMP
@@ -175,6 +176,34 @@ def test_a_call_that_straddles_the_split_runs_with_the_branch_arguments(step):
         messages = [m for m in branch.completion if m["role"] == "tool"]
         assert len(messages) == len(spans) - (0 if branch.tool_mask[-1] == 0 else 1)
     assert straddling >= 1 and between >= 1  # both cases occurred in this step
+
+
+@pytest.mark.parametrize("rule", ["arpo", "random"])
+def test_the_baseline_rules_branch_through_trl(tmp_path, rule):
+    """``branching="arpo"`` forks only at the first candidate after a tool result, ``"random"``
+    anywhere among the sampled tokens; both run TRL's tool loop from the split."""
+    trainer = script.trainer(
+        str(tmp_path), per_device_train_batch_size=8, branch_budget=4, branching=rule
+    )
+    trainer.model.train()
+    trainer._generate_and_score_completions(next(iter(trainer.get_train_dataloader())))
+    record = trainer.last_round
+    assert record.branches and len(record.branches) == len(record.plan["rows"])
+    for branch in record.branches:
+        mask = record.initial.tool_mask[branch.parent]
+        assert mask[branch.split] == 1 and branch.split > 0  # a sampled token past the first
+        if rule == "arpo":
+            results = [i for i in range(branch.split) if mask[i] == 0]
+            assert results, "an ARPO branch point follows a tool result"
+            ids = record.initial.completion_ids[branch.parent]
+            row_candidates = branch_candidates(
+                torch.tensor(mask)[None], torch.tensor(ids)[None], blank_tokens=trainer._blank
+            )[0]
+            between = row_candidates[results[-1] + 1 : branch.split]
+            assert not between.any()  # the first candidate after that result
+        assert len(branch.completion_ids) == len(branch.tool_mask)
+    if rule == "random":
+        assert len({(b.parent, b.split) for b in record.branches}) == len(record.branches)
 
 
 def test_keep_selected_token_branches_after_the_point(tmp_path):

@@ -92,7 +92,6 @@ from appo_kernels.validation import (
 # TRL loss types whose per-token loss is the clipped ratio surrogate that APPO's dual clip bounds
 PPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 KV_BLOCK_SIZE = 16
-_PLAN_KEYWORDS = frozenset(inspect.signature(plan_branches).parameters)
 
 
 def _kl_clamp_bounds() -> tuple[float, float]:
@@ -163,7 +162,10 @@ class APPOConfig(GRPOConfig):
     )
     sampler_dtype: str = field(
         default="bfloat16",
-        metadata={"help": "dtype of the behaviour policy copy that samples without vLLM."},
+        metadata={
+            "help": "Behaviour policy copy that samples without vLLM, one of "
+            "appo.sampler.SAMPLER_DTYPES ('bfloat16-weights': bf16-rounded weights, float32 math)."
+        },
     )
     epsilon_high: float | None = field(
         default=0.28, metadata={"help": "Upper clip range (clip-higher)."}
@@ -333,8 +335,7 @@ class PagedSampler:
         """Loads the policy's present weights into the sampler (at the start of a step)."""
         with self._policy_weights() as policy:
             if self.policy is None:
-                dtype = SAMPLER_DTYPES[self.trainer.args.sampler_dtype]
-                self.policy = SamplerPolicy(policy, dtype, lag=0)
+                self.policy = SamplerPolicy.named(policy, self.trainer.args.sampler_dtype)
                 if not self.policy.shares_weights:
                     # TRL patched the policy's forward with its fused LM head, a closure over
                     # the policy itself: the copy takes its class's forward back
@@ -539,7 +540,7 @@ class APPOTrainer(KernelGRPOTrainer):
         if self._sampler is not None:
             _check_paged_sampler_model(text_config)
         weight_dtype = next(self.model.parameters()).dtype
-        if self._sampler is not None and SAMPLER_DTYPES[args.sampler_dtype] == weight_dtype:
+        if self._sampler is not None and SAMPLER_DTYPES[args.sampler_dtype] == (weight_dtype, None):
             warnings.warn(
                 f"sampler_dtype={args.sampler_dtype!r} is the policy's dtype: the behaviour "
                 "policy is the policy itself, Ω is 1 up to rounding and the 'appo' rule ranks by "
@@ -743,10 +744,6 @@ class APPOTrainer(KernelGRPOTrainer):
             "observation_mask": self._gather_rows(observation.to(torch.uint8)).bool(),
         }
         total = gathered["mask"].shape[0]
-        keywords = {
-            "observation_mask": gathered["observation_mask"],
-            "generator": _stream(*round_.seed, "plan"),
-        }
         plan = plan_branches(
             args.branching,
             entropy=gathered["entropy"],
@@ -759,7 +756,8 @@ class APPOTrainer(KernelGRPOTrainer):
             num_groups=total // self.num_generations,
             gamma=args.gamma,
             clip=args.omega_clip,
-            **{k: v for k, v in keywords.items() if k in _PLAN_KEYWORDS},
+            observation_mask=gathered["observation_mask"],
+            generator=_stream(*round_.seed, "plan"),
         )
         split_shift = 1 if args.keep_selected_token else 0
         return {
