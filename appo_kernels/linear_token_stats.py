@@ -94,7 +94,9 @@ def _chunks(n_kept: int, chunk_size: int, kept: torch.Tensor | None):
 
 
 def _take(x: torch.Tensor, r0: int, r1: int, index: torch.Tensor | None) -> torch.Tensor:
-    return x[r0:r1] if index is None else x.index_select(0, index)
+    if index is not None:
+        return x.index_select(0, index)
+    return x if r0 == 0 and r1 == x.shape[0] else x[r0:r1]
 
 
 def _put(full: torch.Tensor, r0: int, r1: int, index: torch.Tensor | None, part: torch.Tensor):
@@ -106,14 +108,20 @@ def _put(full: torch.Tensor, r0: int, r1: int, index: torch.Tensor | None, part:
 
 
 class _LogitsChunk:
-    """One ``[chunk_size, V]`` buffer, allocated once per call, that holds each chunk's logits
-    ``h W^T + b`` in turn (in the hidden dtype): a new chunk never coexists with the last one."""
+    """Each chunk's logits ``h W^T + b`` in turn (in the hidden dtype), in one
+    ``[chunk_size, V]`` buffer allocated once per call, so that a new chunk never coexists with
+    the last one; with a single chunk, the matmul's own result (the same ``mm`` / ``addmm``)."""
 
-    def __init__(self, chunk_size, weight, bias, dtype):
+    def __init__(self, chunk_size, n_rows, weight, bias, dtype):
         self.weight, self.bias = weight, bias
-        self.buffer = torch.empty((chunk_size, weight.shape[0]), device=weight.device, dtype=dtype)
+        self.buffer = None
+        if chunk_size < n_rows:
+            shape = (chunk_size, weight.shape[0])
+            self.buffer = torch.empty(shape, device=weight.device, dtype=dtype)
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        if self.buffer is None:
+            return torch.nn.functional.linear(h, self.weight, self.bias)
         out = self.buffer[: h.shape[0]]
         if self.bias is None:
             return torch.mm(h, self.weight.t(), out=out)
@@ -133,7 +141,7 @@ def _chunk_plan(hidden, weight, bias, ids, ignore_index, chunk_size):
     kept = _kept_rows(ids, ignore_index) if n_rows else None
     n_kept = n_rows if kept is None else kept.numel()
     chunk_size = chunk_size or default_chunk_size(n_kept, vocab, hidden.dtype, hidden.device)
-    logits_of = _LogitsChunk(min(chunk_size, max(n_kept, 1)), weight, bias, hidden.dtype)
+    logits_of = _LogitsChunk(chunk_size, n_kept, weight, bias, hidden.dtype)
     return _chunks(n_kept, chunk_size, kept), logits_of
 
 
@@ -156,15 +164,15 @@ def _linear_token_stats_fwd(
     """hidden [N, H], weight [V, H], bias [V] or None, tokens [N] -> float32 (logprob, entropy,
     row_max, log_sum), each [N]; 0 on ignored rows."""
     ids = flat_ids(tokens)
-    check_token_ids(ids, weight.shape[0], ignore_index)
+    check_ids = check_token_ids(ids, weight.shape[0], ignore_index)  # True: left to the gather
     stats = None  # the [N] outputs, zero on ignored rows, made when a chunk is not all of them
     with _no_autocast(hidden.device):
         chunks, logits_of = _chunk_plan(hidden, weight, bias, ids, ignore_index, chunk_size)
         for r0, r1, index in chunks:
             logits = logits_of(_take(hidden, r0, r1, index))
             chunk_stats = rows_forward(
-                logits.unsqueeze(0), _take(ids, r0, r1, index), temperature, ignore_index,
-                softcap=softcap,
+                logits, _take(ids, r0, r1, index), temperature, ignore_index, softcap=softcap,
+                check_ids=check_ids,
             )  # fmt: skip
             if index is None and r1 - r0 == hidden.shape[0]:
                 return chunk_stats  # one chunk of every row: its statistics are the outputs
@@ -215,7 +223,7 @@ def _linear_token_stats_bwd(
             saved = [_take(t, r0, r1, index) for t in (row_max, log_sum, entropy)]
             upstream = [None if g is None else _take(g, r0, r1, index) for g in grads]
             dlogits = rows_backward(
-                logits.unsqueeze(0), _take(ids, r0, r1, index), *saved, *upstream, temperature,
+                logits, _take(ids, r0, r1, index), *saved, *upstream, temperature,
                 ignore_index, out=logits, softcap=softcap,
             )  # fmt: skip
             _put(d_hidden, r0, r1, index, dlogits @ weight)
