@@ -30,17 +30,6 @@ from collections.abc import Callable
 import torch
 
 
-def _dispatcher_needed() -> bool:
-    """Whether something records or transforms the ops: ``torch.compile`` / ``torch.export``
-    tracing, an active ``TorchDispatchMode`` (fake tensors, ``make_fx``, flop counters) or a
-    ``torch.func`` transform."""
-    return (
-        torch.compiler.is_compiling()
-        or torch._C._len_torch_dispatch_stack() > 0
-        or torch._C._are_functorch_transforms_active()
-    )
-
-
 class EagerCustomOp:
     """A ``torch.library`` custom op (``.op``) and its implementation (``.impl``); calling it
     picks the path (module doc). ``register_fake`` and ``register_autograd`` register on the
@@ -70,7 +59,12 @@ class EagerCustomOp:
         self._function = type(f"Eager_{name}", (torch.autograd.Function,), methods)
 
     def __call__(self, *args):
-        if _dispatcher_needed():
+        if (  # something records or transforms the ops: torch.compile / torch.export tracing,
+            # a TorchDispatchMode (fake tensors, make_fx, flop counters), a torch.func transform
+            torch.compiler.is_compiling()
+            or torch._C._len_torch_dispatch_stack()
+            or torch._C._are_functorch_transforms_active()
+        ):
             return self.op(*args)
         needs_grad = False
         for a in args:

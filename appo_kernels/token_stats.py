@@ -48,6 +48,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from appo_kernels import validation
 from appo_kernels._backend import HAS_TRITON, launch_device, use_triton
@@ -429,47 +430,44 @@ def _in_vocab(y: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     return column[:, None], column != y
 
 
-def _gather_checked(d, y, ignored, ignore_index):
-    """``d[i, y_i]`` as [n, 1], the token-id range check made by ``gather``'s own bounds check
-    (on CPU it raises for any index outside [0, V) before reading it): the ``ignore_index`` ids
-    are pointed at column 0 first (their log-prob is set to 0 afterwards), and a failure is
-    reported as the range check reports it, naming the first offending id."""
-    vocab = d.shape[1]
-    column = y if 0 <= ignore_index < vocab else y.masked_fill(ignored, 0)
-    try:
-        return d.gather(1, column[:, None])
-    except RuntimeError as error:
-        failure = error
-    validation.check_index_range("tokens", y, vocab, ignore_index)  # raises the ValueError
-    raise failure
+def _token_logprob(neg_log_p, y, ignore_index, check_ids):
+    """``log p_y`` per row of ``neg_log_p`` = -log p ([n, V]), 0 where ``y == ignore_index``, as
+    ``nll_loss`` computes it (``-input[i, y_i]``, 0 for ``ignore_index``) in one op. With
+    ``check_ids``, ``nll_loss``'s own bounds check (on CPU it raises for a target outside
+    [0, V) before reading it) is the token-id range check, and a failure is reported as the
+    range check reports it, naming the first offending id. Without, such ids get NaN."""
+    if check_ids:
+        try:
+            return F.nll_loss(neg_log_p, y, ignore_index=ignore_index, reduction="none")
+        except IndexError as error:
+            failure = error
+        validation.check_index_range("tokens", y, neg_log_p.shape[1], ignore_index)  # raises
+        raise failure
+    column, outside = _in_vocab(y, neg_log_p.shape[1])
+    outside &= y != ignore_index
+    targets = y.masked_fill(outside, ignore_index)  # never read: NaN below
+    logprob = F.nll_loss(neg_log_p, targets, ignore_index=ignore_index, reduction="none")
+    return logprob.masked_fill_(outside, float("nan"))
 
 
 def _chunk_forward(chunk, y, inv_temp, ignore_index, check_ids, d=None, e=None):
     """``(logprob, entropy, row_max, log_sum)`` of one [n, V] chunk (``y``: its [n] int64 ids;
-    ``d``, ``e``: work buffers or None): m = max x, d = (x - m) / tau, logprob = d_y - log s,
-    s = sum e^d and a = sum d e^d (d e^d in place; both cascaded sums), entropy = log s - a / s.
-    A -inf logit gives d = -inf: a -inf log-prob, e^d = 0 and d e^d = NaN, which ``nansum``
-    drops (it is exactly the term 0); a NaN anywhere in a row makes its s, and so everything,
-    NaN anyway. ``check_ids``: ids outside the vocabulary raise (``_gather_checked``);
-    otherwise their log-prob is NaN."""
+    ``d``, ``e``: work buffers or None): m = max x, d = (x - m) / tau, s = sum e^d and
+    a = sum d e^d (cascaded sums), entropy = log s - a / s, logprob = d_y - log s picked from
+    -log p = log s - d (``_token_logprob``). A -inf logit gives d = -inf: e^d = 0, a term
+    d e^d = NaN that ``nansum`` drops (it is exactly the term 0) and a -inf log-prob; a NaN
+    anywhere in a row makes its s, and so everything but an ignored log-prob, NaN anyway.
+    ``e`` holds e^d, then d e^d, then -log p."""
     m = chunk.amax(dim=1, keepdim=True)
     if m.dtype != torch.float32:
         m = m.float()  # NaN propagates
     d = _scaled_shift(chunk, m, inv_temp, d)
-    ignored = y == ignore_index
-    if check_ids:
-        logprob, outside = _gather_checked(d, y, ignored, ignore_index), None
-    else:
-        column, outside = _in_vocab(y, chunk.shape[1])
-        logprob = d.gather(1, column)
     e = torch.exp(d, out=e)
     total = e.sum(dim=1)
     log_s = total.log()
-    entropy = torch.addcdiv(log_s, torch.nansum(d.mul_(e), dim=1), total, value=-1.0)
-    logprob = logprob.view(-1).sub_(log_s)
-    if outside is not None:
-        logprob.masked_fill_(outside, float("nan"))
-    return logprob.masked_fill_(ignored, 0.0), entropy, m.view(-1), log_s
+    entropy = torch.addcdiv(log_s, torch.nansum(torch.mul(d, e, out=e), dim=1), total, value=-1.0)
+    neg_log_p = torch.sub(log_s.unsqueeze(1), d, out=e)
+    return _token_logprob(neg_log_p, y, ignore_index, check_ids), entropy, m.view(-1), log_s
 
 
 def _one_chunk(rows: torch.Tensor) -> bool:
@@ -711,8 +709,10 @@ _token_stats_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def check_temperature(temperature: object) -> float:
     """A temperature in ``TEMPERATURE_RANGE`` (1 / tau stays a normal float32)."""
-    temperature = validation.check_positive("temperature", temperature)
     low, high = TEMPERATURE_RANGE
+    if type(temperature) is float and low <= temperature <= high:
+        return temperature  # the usual case, without the general number checks
+    temperature = validation.check_positive("temperature", temperature)
     if not low <= temperature <= high:
         raise ValueError(f"temperature must be in [{low:g}, {high:g}], got {temperature:g}")
     return temperature
@@ -726,7 +726,8 @@ def check_token_args(logits, tokens, temperature, ignore_index) -> tuple[torch.T
         raise ValueError(f"logits must be [..., V] with V >= 1, got shape {tuple(logits.shape)}")
     tokens = validation.check_int("tokens", tokens)
     validation.check_shape("tokens", tokens, logits.shape[:-1], "logits.shape[:-1]")
-    validation.check_same_device({"logits": logits, "tokens": tokens})
+    if tokens.device != logits.device:
+        validation.check_same_device({"logits": logits, "tokens": tokens})
     temperature = check_temperature(temperature)
     validation.check_int64("ignore_index", ignore_index)
     return tokens, temperature
@@ -735,12 +736,17 @@ def check_token_args(logits, tokens, temperature, ignore_index) -> tuple[torch.T
 def _checked_args(logits, tokens, temperature, ignore_index, block_v, num_splits):
     logits = validation.check_float("logits", logits)
     tokens, temperature = check_token_args(logits, tokens, temperature, ignore_index)
+    if type(block_v) is not int or type(num_splits) is not int or block_v or num_splits:
+        _check_tuning(block_v, num_splits)  # not the automatic (0, 0)
+    return logits, tokens, temperature
+
+
+def _check_tuning(block_v, num_splits) -> None:
     for name, value in (("_block_v", block_v), ("_num_splits", num_splits)):
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**16:
             raise ValueError(f"{name} must be an int in [0, 65536] (0 = automatic), got {value!r}")
     if block_v & (block_v - 1):
         raise ValueError(f"_block_v must be a power of two, got {block_v}")
-    return logits, tokens, temperature
 
 
 def unchecked_forward(logits, tokens, temperature, ignore_index, block_v=0, num_splits=0):
