@@ -67,14 +67,23 @@ def forced_backend() -> str | None:
 _CPU = torch.device("cpu")
 
 
+def is_cuda(device: torch.device) -> bool:
+    """``device.type == "cuda"``; a torch.device's ``.type`` builds a new string each time
+    (~1 µs), so a CPU device is told apart without it."""
+    return device != _CPU and device.type == "cuda"
+
+
+def device_type(t: torch.Tensor) -> str:
+    """``t.device.type`` ("cpu" / "cuda" from the tensor's flags, without a torch.device)."""
+    return "cpu" if t.is_cpu else "cuda" if t.is_cuda else t.device.type
+
+
 def use_triton(device: torch.device) -> bool:
     """Whether an op on tensors of ``device`` runs the Triton kernels."""
     choice = forced_backend()
     if choice == "torch":
         return False
-    # (a torch.device's ``.type`` builds a new string each time, ~1 µs: CPU is told apart
-    # without it)
-    if device != _CPU and device.type == "cuda":
+    if is_cuda(device):
         if not HAS_TRITON:
             raise RuntimeError("CUDA tensors need triton; install it (pip install triton)")
         return True
