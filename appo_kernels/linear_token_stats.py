@@ -89,12 +89,14 @@ def _kept_rows(tokens: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
     return keep.nonzero().squeeze(1)
 
 
-def _chunks(n_kept: int, chunk_size: int, kept: torch.Tensor | None):
-    """Yields ``(r0, r1, index)``: rows ``r0:r1`` of the compacted order and, when rows were
+def _chunks(n_kept: int, chunk_size: int, kept: torch.Tensor | None) -> list[tuple]:
+    """``(r0, r1, index)`` per chunk: rows ``r0:r1`` of the compacted order and, when rows were
     compacted, their indices into the full order (None when the order is the identity)."""
-    for r0 in range(0, n_kept, chunk_size):
-        r1 = min(r0 + chunk_size, n_kept)
-        yield r0, r1, (None if kept is None else kept[r0:r1])
+    if n_kept <= chunk_size:
+        return [(0, n_kept, kept)] if n_kept else []
+    starts = range(0, n_kept, chunk_size)
+    ends = [min(r0 + chunk_size, n_kept) for r0 in starts]
+    return [(r0, r1, None if kept is None else kept[r0:r1]) for r0, r1 in zip(starts, ends)]
 
 
 def _take(x: torch.Tensor, r0: int, r1: int, index: torch.Tensor | None) -> torch.Tensor:
@@ -136,7 +138,7 @@ def _autocast_off(x: torch.Tensor):
 
 
 def _chunk_plan(hidden, weight, ids, ignore_index, chunk_size):
-    """The chunks of the rows that are not ``ignore_index`` (a list of ``_chunks``) and the
+    """The chunks of the rows that are not ``ignore_index`` (``_chunks``) and the
     logits buffer they share (None for a single chunk); forward and backward walk the same
     plan."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
@@ -146,7 +148,7 @@ def _chunk_plan(hidden, weight, ids, ignore_index, chunk_size):
     buffer = None
     if chunk_size < n_kept:
         buffer = torch.empty((chunk_size, vocab), device=hidden.device, dtype=hidden.dtype)
-    return list(_chunks(n_kept, chunk_size, kept)), buffer
+    return _chunks(n_kept, chunk_size, kept), buffer
 
 
 def _zero_stats(hidden: torch.Tensor) -> list[torch.Tensor]:
