@@ -81,7 +81,7 @@ def device_type(t: torch.Tensor) -> str:
 def use_triton(device: torch.device) -> bool:
     """Whether an op on tensors of ``device`` runs the Triton kernels."""
     choice = forced_backend()
-    if choice == "torch":
+    if choice == "torch" or (choice is None and device == _CPU):  # (CPU: the usual case first)
         return False
     if is_cuda(device):
         if not HAS_TRITON:

@@ -170,7 +170,7 @@ def _linear_token_stats_fwd(
     """hidden [N, H], weight [V, H], bias [V] or None, tokens [N] -> float32 (logprob, entropy,
     row_max, log_sum), each [N]; 0 on ignored rows."""
     ids = flat_ids(tokens)
-    check_ids = check_token_ids(ids, weight.shape[0], ignore_index)  # True: left to nll_loss
+    check_ids = check_token_ids(ids, weight.shape[0], ignore_index)  # True: left to the chunks
     stats = None  # the [N] outputs, zero on ignored rows, made when a chunk is not all of them
     with _autocast_off(hidden):
         chunks, buffer = _chunk_plan(hidden, weight, ids, ignore_index, chunk_size)

@@ -443,9 +443,9 @@ def _token_logprob(neg_log_p, y, ignore_index, check_ids):
             failure = error
         validation.check_index_range("tokens", y, neg_log_p.shape[1], ignore_index)  # raises
         raise failure
-    column, outside = _in_vocab(y, neg_log_p.shape[1])
+    _, outside = _in_vocab(y, neg_log_p.shape[1])
     outside &= y != ignore_index
-    targets = y.masked_fill(outside, ignore_index)  # never read: NaN below
+    targets = y.masked_fill(outside, ignore_index)  # not read by nll_loss, then NaN
     logprob = F.nll_loss(neg_log_p, targets, ignore_index=ignore_index, reduction="none")
     return logprob.masked_fill_(outside, float("nan"))
 
@@ -567,8 +567,8 @@ def rows_forward(rows, tokens, temperature, ignore_index, block_v=0, num_splits=
     device: float32 ``(logprob, entropy, row_max, log_sum)``, each [N]. With ``softcap`` c, of
     the soft-capped logits ``c * tanh(x / c)`` (``row_max`` is then the capped maximum).
     ``check_ids``: the token-id range check is still to be made (``token_id_check_due``): the
-    PyTorch path on CPU makes it with the gather it needs anyway (``_gather_checked``), every
-    other path first, with one reduction and a host sync (``check_token_ids``)."""
+    PyTorch path on CPU makes it with the ``nll_loss`` it runs anyway (``_token_logprob``), every
+    other path first, with one reduction and a host sync (``validation.check_index_range``)."""
     if use_triton(rows.device):
         if check_ids:
             validation.check_index_range("tokens", tokens, rows.shape[-1], ignore_index)
@@ -617,12 +617,13 @@ def token_id_check_due(tokens: torch.Tensor) -> bool:
 
 
 def check_token_ids(tokens: torch.Tensor, vocab: int, ignore_index: int) -> bool:
-    """The token-id range check of all the ids up front (one reduction and a host sync), where it
-    is due; except on the PyTorch path on CPU, whose gather makes it: True then, for
-    ``rows_forward``'s ``check_ids``."""
+    """The token-id range check of ids about to be split into chunks, where it is due: on CUDA
+    tensors now, for all of them at once (one reduction and one host sync, not one per chunk);
+    on CPU tensors left to ``rows_forward`` (True, for its ``check_ids``), whose PyTorch path
+    makes it with the ``nll_loss`` it runs anyway."""
     if not token_id_check_due(tokens):
         return False
-    if tokens.is_cpu and not use_triton(tokens.device):
+    if tokens.is_cpu:
         return True
     validation.check_index_range("tokens", tokens, vocab, ignore_index)
     return False
