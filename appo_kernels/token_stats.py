@@ -430,34 +430,39 @@ def _in_vocab(y: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     return column[:, None], column != y
 
 
-def _token_logprob(neg_log_p, y, ignore_index, check_ids):
-    """``log p_y`` per row of ``neg_log_p`` = -log p ([n, V]), 0 where ``y == ignore_index``, as
-    ``nll_loss`` computes it (``-input[i, y_i]``, 0 for ``ignore_index``) in one op. With
+def _token_logprob(d, log_s, y, ignore_index, check_ids):
+    """logprob = d_y - log s, 0 where ``y == ignore_index``, from two picks of ``nll_loss``
+    (``-input[i, y_i]``; 0 for ``ignore_index``, whose row it does not read): one from ``d``, one
+    from log s broadcast along each row (a stride-0 view), so that their difference is
+    d_y - log s, and exactly 0 on the ignored rows. Each reads n entries, not the rows. With
     ``check_ids``, ``nll_loss``'s own bounds check (on CPU it raises for a target outside
     [0, V) before reading it) is the token-id range check, and a failure is reported as the
-    range check reports it, naming the first offending id. Without, such ids get NaN."""
-    if check_ids:
-        try:
-            return F.nll_loss(neg_log_p, y, ignore_index=ignore_index, reduction="none")
-        except IndexError as error:
-            failure = error
-        validation.check_index_range("tokens", y, neg_log_p.shape[1], ignore_index)  # raises
-        raise failure
-    _, outside = _in_vocab(y, neg_log_p.shape[1])
-    outside &= y != ignore_index
-    targets = y.masked_fill(outside, ignore_index)  # not read by nll_loss, then NaN
-    logprob = F.nll_loss(neg_log_p, targets, ignore_index=ignore_index, reduction="none")
-    return logprob.masked_fill_(outside, float("nan"))
+    range check reports it, naming the first offending id; without, such ids get NaN."""
+    targets, outside = y, None
+    if not check_ids:
+        _, outside = _in_vocab(y, d.shape[1])
+        outside &= y != ignore_index
+        targets = y.masked_fill(outside, ignore_index)  # not read by nll_loss, then NaN
+    try:
+        neg_d_y = F.nll_loss(d, targets, ignore_index=ignore_index, reduction="none")
+    except IndexError as error:  # with check_ids only: an id outside [0, V)
+        failure = error
+    else:
+        row_log_s = log_s.as_strided(d.shape, (1, 0))  # (log_s: a new contiguous [n])
+        logprob = F.nll_loss(row_log_s, targets, ignore_index=ignore_index, reduction="none")
+        logprob.sub_(neg_d_y)
+        return logprob if outside is None else logprob.masked_fill_(outside, float("nan"))
+    validation.check_index_range("tokens", y, d.shape[1], ignore_index)  # raises the ValueError
+    raise failure
 
 
 def _chunk_forward(chunk, y, inv_temp, ignore_index, check_ids, d=None, e=None):
     """``(logprob, entropy, row_max, log_sum)`` of one [n, V] chunk (``y``: its [n] int64 ids;
     ``d``, ``e``: work buffers or None): m = max x, d = (x - m) / tau, s = sum e^d and
-    a = sum d e^d (cascaded sums), entropy = log s - a / s, logprob = d_y - log s picked from
-    -log p = log s - d (``_token_logprob``). A -inf logit gives d = -inf: e^d = 0, a term
-    d e^d = NaN that ``nansum`` drops (it is exactly the term 0) and a -inf log-prob; a NaN
-    anywhere in a row makes its s, and so everything but an ignored log-prob, NaN anyway.
-    ``e`` holds e^d, then d e^d, then -log p."""
+    a = sum d e^d (cascaded sums), entropy = log s - a / s, logprob = d_y - log s
+    (``_token_logprob``). A -inf logit gives d = -inf: e^d = 0, a term d e^d = NaN that
+    ``nansum`` drops (it is exactly the term 0) and a -inf log-prob; a NaN anywhere in a row
+    makes its s, and so everything but an ignored row's log-prob, NaN anyway."""
     m = chunk.amax(dim=1, keepdim=True)
     if m.dtype != torch.float32:
         m = m.float()  # NaN propagates
@@ -466,8 +471,7 @@ def _chunk_forward(chunk, y, inv_temp, ignore_index, check_ids, d=None, e=None):
     total = e.sum(dim=1)
     log_s = total.log()
     entropy = torch.addcdiv(log_s, torch.nansum(torch.mul(d, e, out=e), dim=1), total, value=-1.0)
-    neg_log_p = torch.sub(log_s.unsqueeze(1), d, out=e)
-    return _token_logprob(neg_log_p, y, ignore_index, check_ids), entropy, m.view(-1), log_s
+    return _token_logprob(d, log_s, y, ignore_index, check_ids), entropy, m.view(-1), log_s
 
 
 def _one_chunk(rows: torch.Tensor) -> bool:
