@@ -27,12 +27,36 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     HAS_TRITON = False
 
 
+def environment_variable(name: str) -> str | None:
+    """``os.environ.get(name)``, read from the dict that CPython's ``os.environ`` keeps its
+    variables in (``os.environ._data``, which every write through ``os.environ`` updates) where
+    there is one. ``os.environ.get`` of a variable that is not set raises and catches two
+    ``KeyError``s on the way: in bench/overhead.py that cost ~20 µs per op call, as much as the
+    arithmetic of a small ``token_stats`` call; the dict lookup costs next to nothing."""
+    data = getattr(os.environ, "_data", None)
+    if data is None:  # pragma: no cover - an os.environ without CPython's layout
+        return os.environ.get(name)
+    key = _ENCODED_NAMES.get(name)
+    if key is None:
+        key = _ENCODED_NAMES[name] = os.environ.encodekey(name)
+    value = data.get(key)
+    return None if value is None else os.environ.decodevalue(value)
+
+
+_ENCODED_NAMES: dict[str, object] = {}  # name -> its key in os.environ._data
+
+
 def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return environment_variable("TRITON_INTERPRET") not in (None, "", "0")
 
 
 def forced_backend() -> str | None:
-    choice = os.environ.get(_ENV, "").strip().lower()
+    """The backend ``APPO_KERNELS_BACKEND`` forces (None: each device's own), read at call
+    time."""
+    choice = environment_variable(_ENV)
+    if not choice:
+        return None
+    choice = choice.strip().lower()
     if not choice:
         return None
     if choice not in _CHOICES:
@@ -40,12 +64,26 @@ def forced_backend() -> str | None:
     return choice
 
 
+_CPU = torch.device("cpu")
+
+
+def is_cuda(device: torch.device) -> bool:
+    """``device.type == "cuda"``; a torch.device's ``.type`` builds a new string each time
+    (~1 µs), so a CPU device is told apart without it."""
+    return device != _CPU and device.type == "cuda"
+
+
+def device_type(t: torch.Tensor) -> str:
+    """``t.device.type`` ("cpu" / "cuda" from the tensor's flags, without a torch.device)."""
+    return "cpu" if t.is_cpu else "cuda" if t.is_cuda else t.device.type
+
+
 def use_triton(device: torch.device) -> bool:
     """Whether an op on tensors of ``device`` runs the Triton kernels."""
     choice = forced_backend()
-    if choice == "torch":
+    if choice == "torch" or (choice is None and device == _CPU):  # (CPU: the usual case first)
         return False
-    if device.type == "cuda":
+    if is_cuda(device):
         if not HAS_TRITON:
             raise RuntimeError("CUDA tensors need triton; install it (pip install triton)")
         return True

@@ -11,11 +11,12 @@ skips it and computes the same thing (docs/design.md, section 2).
 The direct path is taken only when nothing could tell the difference: not while ``torch.compile``
 or ``torch.export`` traces, no ``TorchDispatchMode`` active (fake tensors, ``make_fx``, flop
 counters), no ``torch.func`` transform active, and every tensor argument a plain
-``torch.Tensor`` on a CPU or CUDA device (not a subclass such as ``FakeTensor`` or ``DTensor``,
-not ``meta``). Autocast does not matter: no op registers an autocast rule (``linear_token_stats``
-casts its inputs in its public function and runs its chunks with autocast off), so the dispatcher
-would pass the call through unchanged; an op that gains such a rule must route autocast calls
-to the dispatcher here too (tests/test_host_path.py checks that none has one).
+``torch.Tensor`` (or ``torch.nn.Parameter``) on a CPU or CUDA device (not a subclass such as
+``FakeTensor`` or ``DTensor``, not ``meta``). Autocast does not matter: no op registers an
+autocast rule (``linear_token_stats`` casts its inputs in its public function and runs its
+chunks with autocast off), so the dispatcher would pass the call through unchanged; an op that
+gains such a rule must route autocast calls to the dispatcher here too (tests/test_host_path.py
+checks that none has one).
 
 When a gradient is needed the direct path runs through a ``torch.autograd.Function`` built from
 the same ``setup_context`` and ``backward`` as the custom op's autograd registration, so the two
@@ -25,20 +26,15 @@ either way: the implementation is what a capture records in both.
 
 from __future__ import annotations
 
+import inspect
+import typing
 from collections.abc import Callable
 
 import torch
 
-
-def _dispatcher_needed() -> bool:
-    """Whether something records or transforms the ops: ``torch.compile`` / ``torch.export``
-    tracing, an active ``TorchDispatchMode`` (fake tensors, ``make_fx``, flop counters) or a
-    ``torch.func`` transform."""
-    return (
-        torch.compiler.is_compiling()
-        or torch._C._len_torch_dispatch_stack() > 0
-        or torch._C._are_functorch_transforms_active()
-    )
+# torch.nn.Parameter (an LM head's weight) behaves as a plain tensor in every op (its
+# __torch_function__ is disabled); subclasses of either go through the custom op.
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 class EagerCustomOp:
@@ -50,6 +46,12 @@ class EagerCustomOp:
         self.op = torch.library.custom_op(name, impl, mutates_args=())
         self.name, self.impl = name, impl
         self._function: type[torch.autograd.Function] | None = None
+        hints = typing.get_type_hints(impl)
+        self._tensor_args = tuple(  # positions of the Tensor / Tensor | None arguments
+            i
+            for i, arg in enumerate(inspect.signature(impl).parameters)
+            if torch.Tensor in (hints[arg], *typing.get_args(hints[arg]))
+        )
 
     def register_fake(self, fake: Callable) -> Callable:
         return self.op.register_fake(fake)
@@ -70,12 +72,18 @@ class EagerCustomOp:
         self._function = type(f"Eager_{name}", (torch.autograd.Function,), methods)
 
     def __call__(self, *args):
-        if _dispatcher_needed():
+        if (  # something records or transforms the ops: torch.compile / torch.export tracing,
+            # a TorchDispatchMode (fake tensors, make_fx, flop counters), a torch.func transform
+            torch.compiler.is_compiling()
+            or torch._C._len_torch_dispatch_stack()
+            or torch._C._are_functorch_transforms_active()
+        ):
             return self.op(*args)
         needs_grad = False
-        for a in args:
-            if isinstance(a, torch.Tensor):
-                if type(a) is not torch.Tensor or not (a.is_cpu or a.is_cuda):
+        for i in self._tensor_args:
+            a = args[i]
+            if a is not None:
+                if type(a) not in _PLAIN_TENSORS or not (a.is_cpu or a.is_cuda):
                     return self.op(*args)  # a subclass (FakeTensor, DTensor, ...) or meta
                 needs_grad = needs_grad or a.requires_grad
         if needs_grad and torch.is_grad_enabled():

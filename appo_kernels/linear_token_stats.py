@@ -47,9 +47,13 @@ implementations, so ``torch.compile(fullgraph=True)`` captures forward and backw
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.nn.functional as F
 
 from appo_kernels import validation
+from appo_kernels._backend import device_type, is_cuda
 from appo_kernels._ops import custom_op
 from appo_kernels.token_stats import (
     TEMPERATURE_RANGE,
@@ -70,7 +74,7 @@ _ROW_MULTIPLE = 64  # chunk rows are a multiple of this (matmul tiles), unless N
 
 def default_chunk_size(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
     """Rows per chunk so that one chunk of logits takes about 256 MB on CUDA, 96 MB on CPU."""
-    budget = _CHUNK_BYTES["cuda" if device.type == "cuda" else "cpu"]
+    budget = _CHUNK_BYTES["cuda" if is_cuda(device) else "cpu"]
     rows = max(1, budget // (vocab * dtype.itemsize))
     if rows >= _ROW_MULTIPLE:
         rows -= rows % _ROW_MULTIPLE
@@ -85,16 +89,20 @@ def _kept_rows(tokens: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
     return keep.nonzero().squeeze(1)
 
 
-def _chunks(n_kept: int, chunk_size: int, kept: torch.Tensor | None):
-    """Yields ``(r0, r1, index)``: rows ``r0:r1`` of the compacted order and, when rows were
+def _chunks(n_kept: int, chunk_size: int, kept: torch.Tensor | None) -> list[tuple]:
+    """``(r0, r1, index)`` per chunk: rows ``r0:r1`` of the compacted order and, when rows were
     compacted, their indices into the full order (None when the order is the identity)."""
-    for r0 in range(0, n_kept, chunk_size):
-        r1 = min(r0 + chunk_size, n_kept)
-        yield r0, r1, (None if kept is None else kept[r0:r1])
+    if n_kept <= chunk_size:
+        return [(0, n_kept, kept)] if n_kept else []
+    starts = range(0, n_kept, chunk_size)
+    ends = [min(r0 + chunk_size, n_kept) for r0 in starts]
+    return [(r0, r1, None if kept is None else kept[r0:r1]) for r0, r1 in zip(starts, ends)]
 
 
 def _take(x: torch.Tensor, r0: int, r1: int, index: torch.Tensor | None) -> torch.Tensor:
-    return x[r0:r1] if index is None else x.index_select(0, index)
+    if index is not None:
+        return x.index_select(0, index)
+    return x if r0 == 0 and r1 == x.shape[0] else x[r0:r1]
 
 
 def _put(full: torch.Tensor, r0: int, r1: int, index: torch.Tensor | None, part: torch.Tensor):
@@ -105,36 +113,42 @@ def _put(full: torch.Tensor, r0: int, r1: int, index: torch.Tensor | None, part:
         full.index_copy_(0, index, part)
 
 
-class _LogitsChunk:
-    """One ``[chunk_size, V]`` buffer, allocated once per call, that holds each chunk's logits
-    ``h W^T + b`` in turn (in the hidden dtype): a new chunk never coexists with the last one."""
-
-    def __init__(self, chunk_size, weight, bias, dtype):
-        self.weight, self.bias = weight, bias
-        self.buffer = torch.empty((chunk_size, weight.shape[0]), device=weight.device, dtype=dtype)
-
-    def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        out = self.buffer[: h.shape[0]]
-        if self.bias is None:
-            return torch.mm(h, self.weight.t(), out=out)
-        return torch.addmm(self.bias, h, self.weight.t(), out=out)
+def _chunk_logits(h, weight, bias, buffer):
+    """A chunk's logits ``h W^T + b`` (in the hidden dtype): written into ``buffer``, the one
+    ``[chunk_size, V]`` buffer of the call, so that a new chunk never coexists with the last one;
+    with a single chunk (``buffer`` None), the matmul's own result (the same ``mm`` / ``addmm``)."""
+    if buffer is None:
+        return F.linear(h, weight, bias)
+    out = buffer[: h.shape[0]]
+    if bias is None:
+        return torch.mm(h, weight.t(), out=out)
+    return torch.addmm(bias, h, weight.t(), out=out)
 
 
-def _no_autocast(device: torch.device):
+_NO_CONTEXT = contextlib.nullcontext()
+
+
+def _autocast_off(x: torch.Tensor):
     """The op's chunks are exact in the inputs' dtype: autocast (a bf16 ``dlogits @ W`` into a
-    float32 gradient, say) must not re-type them, in forward or in backward."""
-    return torch.autocast(device.type, enabled=False)
+    float32 gradient, say) must not re-type them, in forward or in backward. Nothing to do when
+    autocast is off for ``x``'s device already (entering a ``torch.autocast`` costs as much as
+    a small op)."""
+    kind = device_type(x)
+    return torch.autocast(kind, enabled=False) if torch.is_autocast_enabled(kind) else _NO_CONTEXT
 
 
-def _chunk_plan(hidden, weight, bias, ids, ignore_index, chunk_size):
-    """The chunks of the rows that are not ``ignore_index`` (see ``_chunks``) and the logits
-    buffer they share; forward and backward walk the same plan."""
+def _chunk_plan(hidden, weight, ids, ignore_index, chunk_size):
+    """The chunks of the rows that are not ``ignore_index`` (``_chunks``) and the
+    logits buffer they share (None for a single chunk); forward and backward walk the same
+    plan."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     kept = _kept_rows(ids, ignore_index) if n_rows else None
     n_kept = n_rows if kept is None else kept.numel()
     chunk_size = chunk_size or default_chunk_size(n_kept, vocab, hidden.dtype, hidden.device)
-    logits_of = _LogitsChunk(min(chunk_size, max(n_kept, 1)), weight, bias, hidden.dtype)
-    return _chunks(n_kept, chunk_size, kept), logits_of
+    buffer = None
+    if chunk_size < n_kept:
+        buffer = torch.empty((chunk_size, vocab), device=hidden.device, dtype=hidden.dtype)
+    return _chunks(n_kept, chunk_size, kept), buffer
 
 
 def _zero_stats(hidden: torch.Tensor) -> list[torch.Tensor]:
@@ -156,15 +170,15 @@ def _linear_token_stats_fwd(
     """hidden [N, H], weight [V, H], bias [V] or None, tokens [N] -> float32 (logprob, entropy,
     row_max, log_sum), each [N]; 0 on ignored rows."""
     ids = flat_ids(tokens)
-    check_token_ids(ids, weight.shape[0], ignore_index)
+    check_ids = check_token_ids(ids, weight.shape[0], ignore_index)  # True: left to the chunks
     stats = None  # the [N] outputs, zero on ignored rows, made when a chunk is not all of them
-    with _no_autocast(hidden.device):
-        chunks, logits_of = _chunk_plan(hidden, weight, bias, ids, ignore_index, chunk_size)
+    with _autocast_off(hidden):
+        chunks, buffer = _chunk_plan(hidden, weight, ids, ignore_index, chunk_size)
         for r0, r1, index in chunks:
-            logits = logits_of(_take(hidden, r0, r1, index))
+            logits = _chunk_logits(_take(hidden, r0, r1, index), weight, bias, buffer)
             chunk_stats = rows_forward(
-                logits.unsqueeze(0), _take(ids, r0, r1, index), temperature, ignore_index,
-                softcap=softcap,
+                logits, _take(ids, r0, r1, index), temperature, ignore_index, softcap=softcap,
+                check_ids=check_ids,
             )  # fmt: skip
             if index is None and r1 - r0 == hidden.shape[0]:
                 return chunk_stats  # one chunk of every row: its statistics are the outputs
@@ -207,15 +221,15 @@ def _linear_token_stats_bwd(
         None if g is None else g.reshape(-1).to(torch.float32).contiguous()  # may be expanded
         for g in (grad_logprob, grad_entropy)
     ]
-    with _no_autocast(hidden.device):
-        chunks, logits_of = _chunk_plan(hidden, weight, bias, ids, ignore_index, chunk_size)
+    with _autocast_off(hidden):
+        chunks, buffer = _chunk_plan(hidden, weight, ids, ignore_index, chunk_size)
         for r0, r1, index in chunks:
             h = _take(hidden, r0, r1, index)
-            logits = logits_of(h)
+            logits = _chunk_logits(h, weight, bias, buffer)
             saved = [_take(t, r0, r1, index) for t in (row_max, log_sum, entropy)]
             upstream = [None if g is None else _take(g, r0, r1, index) for g in grads]
             dlogits = rows_backward(
-                logits.unsqueeze(0), _take(ids, r0, r1, index), *saved, *upstream, temperature,
+                logits, _take(ids, r0, r1, index), *saved, *upstream, temperature,
                 ignore_index, out=logits, softcap=softcap,
             )  # fmt: skip
             _put(d_hidden, r0, r1, index, dlogits @ weight)
@@ -287,9 +301,9 @@ def _autocast_inputs(hidden, weight, bias):
     """Inside ``torch.autocast`` for the inputs' device, the floating inputs in the autocast
     dtype, as ``torch.nn.functional.linear`` casts them (float64 is not cast by autocast either).
     Anything that is not a CPU / CUDA tensor is left for the argument checks."""
-    if not isinstance(hidden, torch.Tensor) or hidden.device.type not in ("cpu", "cuda"):
+    if not isinstance(hidden, torch.Tensor) or not (hidden.is_cpu or hidden.is_cuda):
         return hidden, weight, bias
-    device = hidden.device.type
+    device = device_type(hidden)
     if not torch.is_autocast_enabled(device):
         return hidden, weight, bias
     dtype = torch.get_autocast_dtype(device)
@@ -319,14 +333,19 @@ def _checked_args(hidden, weight, tokens, bias, temperature, ignore_index, chunk
             f"{hidden.dtype}"
         )
     validation.check_shape("tokens", tokens, hidden.shape[:-1], "hidden.shape[:-1]")
-    named = {"hidden": hidden, "weight": weight, "tokens": tokens}
     if bias is not None:
         bias = validation.check_float("bias", bias)
         validation.check_shape("bias", bias, weight.shape[:1], "[V] = weight.shape[:1]")
         if bias.dtype != weight.dtype:
             raise TypeError(f"bias must have the weight's dtype {weight.dtype}, got {bias.dtype}")
-        named["bias"] = bias
-    validation.check_same_device(named)
+    device = hidden.device
+    if (
+        weight.device != device
+        or tokens.device != device
+        or (bias is not None and bias.device != device)
+    ):
+        named = {"hidden": hidden, "weight": weight, "tokens": tokens, "bias": bias}
+        validation.check_same_device(named)
     temperature = check_temperature(temperature)
     validation.check_int64("ignore_index", ignore_index)
     if chunk_size is not None:

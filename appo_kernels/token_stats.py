@@ -48,6 +48,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from appo_kernels import validation
 from appo_kernels._backend import HAS_TRITON, launch_device, use_triton
@@ -318,19 +319,19 @@ def _launch_config(
     return _LaunchConfig(block_v, num_warps, triton.cdiv(vocab, cols_per_split), cols_per_split)
 
 
-def _kernel_rows(rows: torch.Tensor) -> tuple[int, int, int]:
-    """(T1, stride_outer, stride_inner) of a [R, T1, V] row view, with T1 = 1 for one level."""
+def _kernel_rows(rows: torch.Tensor) -> tuple[int, int, int, int]:
+    """(N, T1, stride_outer, stride_inner) of a row view: [N, V] (one level, T1 = 1) or
+    [R, T1, V]."""
+    if rows.dim() == 2:
+        return rows.shape[0], 1, rows.stride(0), 0
     outer, inner, _ = rows.shape
-    if outer == 1:
-        return 1, rows.stride(1), 0
-    return inner, rows.stride(0), rows.stride(1)
+    return outer * inner, inner, rows.stride(0), rows.stride(1)
 
 
 def _triton_forward(rows, tokens, temperature, ignore_index, block_v, num_splits, softcap):
-    outer, inner, vocab = rows.shape
-    n_rows = outer * inner
+    vocab = rows.shape[-1]
+    n_rows, T1, stride_outer, stride_inner = _kernel_rows(rows)
     cfg = _launch_config(n_rows, vocab, rows.dtype, rows.device, block_v, num_splits)
-    T1, stride_outer, stride_inner = _kernel_rows(rows)
     logprob, entropy, row_max, log_sum = _empty_stats((n_rows,), rows.device)
     split = cfg.num_splits > 1
     parts = torch.empty(
@@ -355,13 +356,11 @@ def _triton_forward(rows, tokens, temperature, ignore_index, block_v, num_splits
 
 def _triton_backward(rows, tokens, row_max, log_sum, entropy, grad_logprob, grad_entropy,
                      temperature, ignore_index, block_v, num_splits, softcap, out):  # fmt: skip
-    outer, inner, vocab = rows.shape
-    cfg = _launch_config(
-        outer * inner, vocab, rows.dtype, rows.device, block_v, num_splits, BACKWARD
-    )
-    T1, stride_outer, stride_inner = _kernel_rows(rows)
+    vocab = rows.shape[-1]
+    n_rows, T1, stride_outer, stride_inner = _kernel_rows(rows)
+    cfg = _launch_config(n_rows, vocab, rows.dtype, rows.device, block_v, num_splits, BACKWARD)
     with launch_device(rows):
-        _token_stats_bwd_kernel[(outer * inner, cfg.num_splits)](
+        _token_stats_bwd_kernel[(n_rows, cfg.num_splits)](
             rows, tokens, row_max, log_sum, entropy,
             grad_logprob if grad_logprob is not None else entropy,
             grad_entropy if grad_entropy is not None else entropy,
@@ -389,22 +388,22 @@ def _capped(chunk: torch.Tensor, softcap: float, out: torch.Tensor | None) -> to
 
 
 def _row_chunks(rows: torch.Tensor, softcap: float | None = None):
-    """Yields ``(first_row, chunk, d, e)`` over the [R, T1, V] row view, a few MB of rows at a
-    time: ``chunk`` an [n, V] view of the logits (with ``softcap``, a float32 buffer holding
-    ``softcap * tanh(logits / softcap)`` instead), ``d`` and ``e`` two float32 [n, V] work
-    buffers for ``out=`` (allocated once per call and reused, so no chunk pays for fresh pages;
-    None when the rows fit in one chunk, so that the ops allocate their results themselves)."""
-    outer, inner, vocab = rows.shape
+    """Yields ``(first_row, chunk, d, e)`` over the row view ([N, V] or [R, T1, V]), a few MB of
+    rows at a time: ``chunk`` an [n, V] view of the logits (with ``softcap``, a float32 buffer
+    holding ``softcap * tanh(logits / softcap)`` instead), ``d`` and ``e`` two float32 [n, V]
+    work buffers for ``out=`` (allocated once per call and reused, so no chunk pays for fresh
+    pages; None when the rows fit in one chunk, so that the ops allocate their results
+    themselves)."""
+    vocab, inner = rows.shape[-1], rows.shape[-2]
     step = max(1, min(inner, _TORCH_CHUNK_BYTES // (4 * vocab)))
-    if outer == 1 and step == inner:
-        chunk = rows[0]
-        yield 0, (chunk if softcap is None else _capped(chunk, softcap, None)), None, None
+    if _one_chunk(rows):
+        yield 0, (rows if softcap is None else _capped(rows, softcap, None)), None, None
         return
     work = torch.empty((2 + (softcap is not None), step, vocab), device=rows.device,
                        dtype=torch.float32)  # fmt: skip
-    for i in range(outer):
+    for i, level in enumerate((rows,) if rows.dim() == 2 else rows):
         for t in range(0, inner, step):
-            chunk = rows[i, t : t + step]
+            chunk = level[t : t + step]
             n = chunk.shape[0]
             if softcap is not None:
                 chunk = _capped(chunk, softcap, work[2, :n])
@@ -412,8 +411,8 @@ def _row_chunks(rows: torch.Tensor, softcap: float | None = None):
 
 
 def _scaled_shift(chunk, row_max, inv_temp, out):
-    """(x - m) / tau in float32 (``row_max``: [n] float32 m), into ``out`` when given."""
-    d = torch.sub(chunk, row_max[:, None], out=out)
+    """(x - m) / tau in float32 (``row_max``: [n, 1] float32 m), into ``out`` when given."""
+    d = torch.sub(chunk, row_max, out=out)
     return d if inv_temp == 1.0 else d.mul_(inv_temp)
 
 
@@ -431,30 +430,67 @@ def _in_vocab(y: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     return column[:, None], column != y
 
 
-def _torch_forward(rows, tokens, temperature, ignore_index, softcap=None):
-    """Per chunk (soft-capped first when ``softcap`` is given): m = max x, d = (x - m) / tau,
-    logprob = d_y - log s (d_y gathered before the clamp of ``_exp_terms``, so a -inf logit gives
-    -inf), s = sum e^d and a = sum d e^d (d e^d in place; both cascaded sums), entropy =
-    log s - a / s."""
-    vocab = rows.shape[2]
+def _token_logprob(d, log_s, y, ignore_index, check_ids):
+    """logprob = d_y - log s, 0 where ``y == ignore_index``, from two picks of ``nll_loss``
+    (``-input[i, y_i]``; 0 for ``ignore_index``, whose row it does not read): one from ``d``, one
+    from log s broadcast along each row (a stride-0 view), so that their difference is
+    d_y - log s, and exactly 0 on the ignored rows. Each reads n entries, not the rows. With
+    ``check_ids``, ``nll_loss``'s own bounds check (on CPU it raises for a target outside
+    [0, V) before reading it) is the token-id range check, and a failure is reported as the
+    range check reports it, naming the first offending id; without, such ids get NaN."""
+    targets, outside = y, None
+    if not check_ids:
+        _, outside = _in_vocab(y, d.shape[1])
+        outside &= y != ignore_index
+        targets = y.masked_fill(outside, ignore_index)  # not read by nll_loss, then NaN
+    try:
+        neg_d_y = F.nll_loss(d, targets, ignore_index=ignore_index, reduction="none")
+    except IndexError as error:  # with check_ids only: an id outside [0, V)
+        failure = error
+    else:
+        row_log_s = log_s.as_strided(d.shape, (1, 0))  # (log_s: a new contiguous [n])
+        logprob = F.nll_loss(row_log_s, targets, ignore_index=ignore_index, reduction="none")
+        logprob.sub_(neg_d_y)
+        return logprob if outside is None else logprob.masked_fill_(outside, float("nan"))
+    validation.check_index_range("tokens", y, d.shape[1], ignore_index)  # raises the ValueError
+    raise failure
+
+
+def _chunk_forward(chunk, y, inv_temp, ignore_index, check_ids, d=None, e=None):
+    """``(logprob, entropy, row_max, log_sum)`` of one [n, V] chunk (``y``: its [n] int64 ids;
+    ``d``, ``e``: work buffers or None): m = max x, d = (x - m) / tau, s = sum e^d and
+    a = sum d e^d (cascaded sums), entropy = log s - a / s, logprob = d_y - log s
+    (``_token_logprob``). A -inf logit gives d = -inf: e^d = 0, a term d e^d = NaN that
+    ``nansum`` drops (it is exactly the term 0) and a -inf log-prob; a NaN anywhere in a row
+    makes its s, and so everything but an ignored row's log-prob, NaN anyway."""
+    m = chunk.amax(dim=1, keepdim=True)
+    if m.dtype != torch.float32:
+        m = m.float()  # NaN propagates
+    d = _scaled_shift(chunk, m, inv_temp, d)
+    e = torch.exp(d, out=e)
+    total = e.sum(dim=1)
+    log_s = total.log()
+    entropy = torch.addcdiv(log_s, torch.nansum(torch.mul(d, e, out=e), dim=1), total, value=-1.0)
+    return _token_logprob(d, log_s, y, ignore_index, check_ids), entropy, m.view(-1), log_s
+
+
+def _one_chunk(rows: torch.Tensor) -> bool:
+    """Whether the row view fits in one chunk of the PyTorch path (``_row_chunks``)."""
+    return rows.dim() == 2 and rows.shape[0] <= max(1, _TORCH_CHUNK_BYTES // (4 * rows.shape[1]))
+
+
+def _torch_forward(rows, tokens, temperature, ignore_index, softcap=None, check_ids=False):
+    """``_chunk_forward`` over the chunks of ``_row_chunks`` (soft-capped first when ``softcap``
+    is given); the statistics of a single chunk are the outputs as they are."""
     inv_temp = 1.0 / temperature
-    stats = ([], [], [], [])  # logprob, entropy, row_max, log_sum
-    for r0, chunk, d, e in _row_chunks(rows, softcap):
-        n = chunk.shape[0]
-        y = tokens if n == tokens.shape[0] else tokens[r0 : r0 + n]
-        m = chunk.amax(dim=-1).float()  # NaN propagates
-        column, outside = _in_vocab(y, vocab)
-        d = _scaled_shift(chunk, m, inv_temp, d)
-        logprob = d.gather(-1, column).view(-1)
-        e = _exp_terms(d, e)
-        total = e.sum(dim=-1)
-        log_s = total.log()
-        entropy = torch.addcdiv(log_s, d.mul_(e).sum(dim=-1), total, value=-1.0)
-        logprob.sub_(log_s).masked_fill_(outside, float("nan"))
-        logprob.masked_fill_(y == ignore_index, 0.0)
-        for out, part in zip(stats, (logprob, entropy, m, log_s)):
-            out.append(part)
-    return tuple(parts[0] if len(parts) == 1 else torch.cat(parts) for parts in stats)
+    if softcap is None and _one_chunk(rows):  # what _row_chunks would yield, without its loop
+        return _chunk_forward(rows, tokens, inv_temp, ignore_index, check_ids)
+    stats = [
+        _chunk_forward(chunk, tokens[r0 : r0 + chunk.shape[0]], inv_temp, ignore_index,
+                       check_ids, d, e)
+        for r0, chunk, d, e in _row_chunks(rows, softcap)
+    ]  # fmt: skip
+    return stats[0] if len(stats) == 1 else tuple(map(torch.cat, zip(*stats)))
 
 
 def _torch_backward(rows, tokens, row_max, log_sum, entropy, grad_logprob, grad_entropy,
@@ -464,11 +500,12 @@ def _torch_backward(rows, tokens, row_max, log_sum, entropy, grad_logprob, grad_
     dz = -(g_H / tau) p (log p + H) - (g_lp / tau) p, plus g_lp / tau at y. With ``softcap`` c,
     the chunk holds the capped logits c t (t = tanh(x / c)) and dz is multiplied by
     1 - t^2 = 1 - (chunk / c)^2."""
-    vocab = rows.shape[2]
+    vocab = rows.shape[-1]
     inv_temp = 1.0 / temperature
     for r0, chunk, d, p in _row_chunks(rows, softcap):
         r1 = r0 + chunk.shape[0]
-        log_p = _scaled_shift(chunk, row_max[r0:r1], inv_temp, d).sub_(log_sum[r0:r1, None])
+        log_p = _scaled_shift(chunk, row_max[r0:r1, None], inv_temp, d)
+        log_p.sub_(log_sum[r0:r1, None])
         p = _exp_terms(log_p, p)
         g_lp = None
         if grad_logprob is not None:
@@ -502,12 +539,13 @@ def _empty_stats(shape, device) -> tuple[torch.Tensor, ...]:
 
 
 def _row_view(logits: torch.Tensor) -> torch.Tensor:
-    """Returns ``logits`` as a [R, T1, V] strided view (R * T1 = N rows, last dim contiguous),
-    copying only when the leading dimensions do not collapse into two strided levels or the last
-    dimension is not contiguous."""
+    """Returns ``logits`` as a strided view of its N rows with a contiguous last dimension:
+    [N, V] when the leading dimensions collapse into one strided level (``logits`` itself when
+    it is a contiguous [N, V]), [R, T1, V] (R * T1 = N) when they collapse into two; copying
+    only when they do not or the last dimension is not contiguous."""
     vocab = logits.shape[-1]
     if logits.is_contiguous():
-        return logits.view(1, -1, vocab)
+        return logits if logits.dim() == 2 else logits.view(-1, vocab)
     if vocab > 1 and logits.stride(-1) != 1:
         logits = logits.contiguous()
     levels: list[list[int]] = []  # [size, stride], outermost first, size-1 dims dropped
@@ -519,28 +557,37 @@ def _row_view(logits: torch.Tensor) -> torch.Tensor:
         else:
             levels.append([size, stride])
     if len(levels) > 2:
-        logits = logits.contiguous()
-        levels = [[logits.numel() // vocab, vocab]]
-    while len(levels) < 2:
-        levels.insert(0, [1, 0])
+        return logits.contiguous().view(-1, vocab)
+    if len(levels) < 2:
+        rows, stride = levels[0] if levels else (1, vocab)
+        return logits.as_strided((rows, vocab), (stride, 1))
     (outer, outer_stride), (inner, inner_stride) = levels
     return logits.as_strided((outer, inner, vocab), (outer_stride, inner_stride, 1))
 
 
-def rows_forward(rows, tokens, temperature, ignore_index, block_v=0, num_splits=0, softcap=None):
-    """Statistics of a [R, T1, V] row view (``tokens``: [N] int64, N = R * T1) on the backend of
-    its device: float32 ``(logprob, entropy, row_max, log_sum)``, each [N]. With ``softcap`` c,
-    of the soft-capped logits ``c * tanh(x / c)`` (``row_max`` is then the capped maximum)."""
+def rows_forward(rows, tokens, temperature, ignore_index, block_v=0, num_splits=0, softcap=None,
+                 check_ids=False):  # fmt: skip
+    """Statistics of a row view (``_row_view``; ``tokens``: [N] int64) on the backend of its
+    device: float32 ``(logprob, entropy, row_max, log_sum)``, each [N]. With ``softcap`` c, of
+    the soft-capped logits ``c * tanh(x / c)`` (``row_max`` is then the capped maximum).
+    ``check_ids``: the token-id range check is still to be made (``token_id_check_due``): the
+    PyTorch path on CPU makes it with the ``nll_loss`` it runs anyway (``_token_logprob``), every
+    other path first, with one reduction and a host sync (``validation.check_index_range``)."""
     if use_triton(rows.device):
+        if check_ids:
+            validation.check_index_range("tokens", tokens, rows.shape[-1], ignore_index)
         return _triton_forward(rows, tokens, temperature, ignore_index, block_v, num_splits,
                                softcap)  # fmt: skip
-    return _torch_forward(rows, tokens, temperature, ignore_index, softcap)
+    if check_ids and not rows.is_cpu:  # APPO_KERNELS_BACKEND=torch on CUDA: no device asserts
+        validation.check_index_range("tokens", tokens, rows.shape[-1], ignore_index)
+    return _torch_forward(rows, tokens, temperature, ignore_index, softcap,
+                          check_ids and rows.is_cpu)  # fmt: skip
 
 
 def rows_backward(rows, tokens, row_max, log_sum, entropy, grad_logprob, grad_entropy,
                   temperature, ignore_index, out, block_v=0, num_splits=0,
                   softcap=None):  # fmt: skip
-    """Writes the logits gradient of a [R, T1, V] row view into ``out`` ([N, V], contiguous,
+    """Writes the logits gradient of a row view (``_row_view``) into ``out`` ([N, V], contiguous,
     the logits dtype; ``out`` may be the row storage itself when that is contiguous) and
     returns it. ``grad_logprob`` / ``grad_entropy`` are [N] float32 or None. With ``softcap``,
     the gradient with respect to the raw logits, through the soft cap."""
@@ -563,16 +610,27 @@ def flat_ids(tokens: torch.Tensor) -> torch.Tensor:
     return ids if ids.is_contiguous() else ids.contiguous()
 
 
-def check_token_ids(tokens: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    """One reduction over the ids; skipped while a CUDA graph is captured (no host sync) and
-    when ``validation.token_id_checks(False)`` turned it off."""
-    if (
-        tokens.numel() == 0
-        or not validation.token_id_checks_enabled()
-        or validation.capturing_cuda_graph(tokens)
-    ):
-        return
+def token_id_check_due(tokens: torch.Tensor) -> bool:
+    """Whether the token-id range check runs on these ids: not when there are none, not while a
+    CUDA graph is captured (no host sync) and not inside ``validation.token_id_checks(False)``."""
+    return (
+        tokens.numel() != 0
+        and validation.token_id_checks_enabled()
+        and not validation.capturing_cuda_graph(tokens)
+    )
+
+
+def check_token_ids(tokens: torch.Tensor, vocab: int, ignore_index: int) -> bool:
+    """The token-id range check of ids about to be split into chunks, where it is due: on CUDA
+    tensors now, for all of them at once (one reduction and one host sync, not one per chunk);
+    on CPU tensors left to ``rows_forward`` (True, for its ``check_ids``), whose PyTorch path
+    makes it with the ``nll_loss`` it runs anyway."""
+    if not token_id_check_due(tokens):
+        return False
+    if tokens.is_cpu:
+        return True
     validation.check_index_range("tokens", tokens, vocab, ignore_index)
+    return False
 
 
 @custom_op("appo_kernels::token_stats_fwd")
@@ -585,10 +643,10 @@ def _token_stats_fwd(
     num_splits: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     ids = flat_ids(tokens)
-    check_token_ids(ids, logits.shape[-1], ignore_index)
     if ids.numel() == 0:
         return _empty_stats(logits.shape[:-1], logits.device)
-    out = rows_forward(_row_view(logits), ids, temperature, ignore_index, block_v, num_splits)
+    out = rows_forward(_row_view(logits), ids, temperature, ignore_index, block_v, num_splits,
+                       check_ids=token_id_check_due(ids))  # fmt: skip
     if logits.dim() == 2:
         return out
     lead = tuple(logits.shape[:-1])
@@ -621,8 +679,8 @@ def _token_stats_bwd(
         None if t is None else t.reshape(-1).to(torch.float32).contiguous()
         for t in (row_max, log_sum, entropy, grad_logprob, grad_entropy)
     ]
-    dx = torch.empty((rows.shape[0] * rows.shape[1], rows.shape[2]), device=logits.device,
-                     dtype=logits.dtype)  # fmt: skip
+    vocab = logits.shape[-1]
+    dx = torch.empty((logits.numel() // vocab, vocab), device=logits.device, dtype=logits.dtype)
     rows_backward(rows, flat_ids(tokens), *row_stats, temperature, ignore_index, dx, block_v,
                   num_splits)  # fmt: skip
     return dx.view(logits.shape)
@@ -656,8 +714,10 @@ _token_stats_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def check_temperature(temperature: object) -> float:
     """A temperature in ``TEMPERATURE_RANGE`` (1 / tau stays a normal float32)."""
-    temperature = validation.check_positive("temperature", temperature)
     low, high = TEMPERATURE_RANGE
+    if type(temperature) is float and low <= temperature <= high:
+        return temperature  # the usual case, without the general number checks
+    temperature = validation.check_positive("temperature", temperature)
     if not low <= temperature <= high:
         raise ValueError(f"temperature must be in [{low:g}, {high:g}], got {temperature:g}")
     return temperature
@@ -671,7 +731,8 @@ def check_token_args(logits, tokens, temperature, ignore_index) -> tuple[torch.T
         raise ValueError(f"logits must be [..., V] with V >= 1, got shape {tuple(logits.shape)}")
     tokens = validation.check_int("tokens", tokens)
     validation.check_shape("tokens", tokens, logits.shape[:-1], "logits.shape[:-1]")
-    validation.check_same_device({"logits": logits, "tokens": tokens})
+    if tokens.device != logits.device:
+        validation.check_same_device({"logits": logits, "tokens": tokens})
     temperature = check_temperature(temperature)
     validation.check_int64("ignore_index", ignore_index)
     return tokens, temperature
@@ -680,12 +741,17 @@ def check_token_args(logits, tokens, temperature, ignore_index) -> tuple[torch.T
 def _checked_args(logits, tokens, temperature, ignore_index, block_v, num_splits):
     logits = validation.check_float("logits", logits)
     tokens, temperature = check_token_args(logits, tokens, temperature, ignore_index)
+    if type(block_v) is not int or type(num_splits) is not int or block_v or num_splits:
+        _check_tuning(block_v, num_splits)  # not the automatic (0, 0)
+    return logits, tokens, temperature
+
+
+def _check_tuning(block_v, num_splits) -> None:
     for name, value in (("_block_v", block_v), ("_num_splits", num_splits)):
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**16:
             raise ValueError(f"{name} must be an int in [0, 65536] (0 = automatic), got {value!r}")
     if block_v & (block_v - 1):
         raise ValueError(f"_block_v must be a power of two, got {block_v}")
-    return logits, tokens, temperature
 
 
 def unchecked_forward(logits, tokens, temperature, ignore_index, block_v=0, num_splits=0):

@@ -22,7 +22,7 @@ def check_tensor(name: str, x: object) -> torch.Tensor:
     here rather than failing inside an op with an unrelated message."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.is_nested or x.is_quantized or x.layout != torch.strided:
+    if x.layout is not torch.strided or x.is_nested or x.is_quantized:
         kind = "nested" if x.is_nested else "quantized" if x.is_quantized else str(x.layout)
         raise TypeError(f"{name} must be a dense (strided) tensor, got a {kind} tensor")
     return x
@@ -37,13 +37,15 @@ def check_float(
     name: str, x: object, allowed: Sequence[torch.dtype] = FLOAT_DTYPES
 ) -> torch.Tensor:
     x = check_tensor(name, x)
-    check_dtype(name, x, allowed, "a floating tensor")
+    if x.dtype not in allowed:  # (check_dtype raises; the test is inline, as it runs per call)
+        check_dtype(name, x, allowed, "a floating tensor")
     return x
 
 
 def check_int(name: str, x: object) -> torch.Tensor:
     x = check_tensor(name, x)
-    check_dtype(name, x, INT_DTYPES, "an integer tensor")
+    if x.dtype not in INT_DTYPES:
+        check_dtype(name, x, INT_DTYPES, "an integer tensor")
     return x
 
 
@@ -67,20 +69,24 @@ def check_ndim(name: str, x: torch.Tensor, ndim: int, layout: str) -> None:
 
 
 def check_shape(name: str, x: torch.Tensor, shape: Sequence[int], ref: str) -> None:
-    if tuple(x.shape) != tuple(shape):
+    if x.shape != shape and tuple(x.shape) != tuple(shape):  # (a torch.Size is a tuple)
         raise ValueError(f"{name} must have shape {tuple(shape)} (as {ref}), got {tuple(x.shape)}")
 
 
-def check_same_device(named: dict[str, torch.Tensor]) -> torch.device:
-    items = [(n, t) for n, t in named.items() if t is not None]
-    first_name, first = items[0]
-    for name, t in items[1:]:
-        if t.device != first.device:
+def check_same_device(named: dict[str, torch.Tensor | None]) -> torch.device:
+    """The one device of the tensors of ``named`` (None entries are skipped)."""
+    first_name = device = None
+    for name, t in named.items():
+        if t is None:
+            continue
+        if device is None:
+            first_name, device = name, t.device
+        elif t.device != device:
             raise ValueError(
-                f"{name} is on {t.device} but {first_name} is on {first.device}; "
+                f"{name} is on {t.device} but {first_name} is on {device}; "
                 "all tensors must be on one device"
             )
-    return first.device
+    return device
 
 
 def shown(value: int | float) -> int | float | str:

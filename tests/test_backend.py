@@ -58,3 +58,19 @@ def test_forced_backend(monkeypatch):
         use_triton(torch.device("cpu"))
     monkeypatch.delenv("APPO_KERNELS_BACKEND")
     assert forced_backend() is None and not use_triton(torch.device("cpu"))
+
+
+def test_environment_variable_follows_os_environ(monkeypatch):
+    """``environment_variable`` (the backend choice's reader) sees what ``os.environ`` holds,
+    including changes made after import."""
+    from appo_kernels._backend import environment_variable
+
+    name = "APPO_KERNELS_TEST_VARIABLE"
+    monkeypatch.delenv(name, raising=False)
+    assert environment_variable(name) is None
+    for value in ("torch", "", " Triton ", "ü-\u00e9"):
+        monkeypatch.setenv(name, value)
+        assert environment_variable(name) == value == os.environ[name]
+    monkeypatch.delenv(name)
+    assert environment_variable(name) is None
+    assert environment_variable("PATH") == os.environ.get("PATH")

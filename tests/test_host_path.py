@@ -15,6 +15,7 @@ from utils import CustomOpCalls, assert_rejects
 
 import appo_kernels as ak
 from appo_kernels import validation
+from appo_kernels.token_stats import token_stats_forward
 
 B, T, V, H = 2, 6, 11, 5
 
@@ -211,6 +212,49 @@ def test_composite_bad_input_names_the_argument(gen):
     )
     assert_rejects(TypeError, "temperature", f, logits, tokens, behavior, mask, temperature="1")
     assert_rejects(ValueError, "clip", f, logits, tokens, behavior, mask, clip=-0.1)
+
+
+def test_range_check_message_is_the_same_on_every_path(backend, gen):
+    """The PyTorch path on CPU leaves the range check to the nll_loss it runs (its bounds check
+    raises first); the kernels check first. Either way the error is the range check's ValueError
+    naming the first bad id, with nothing chained to it."""
+    logits, tokens, behavior, mask = _inputs(gen)
+    hidden, head = torch.randn(B, T, H, generator=gen), torch.randn(V, H, generator=gen)
+    bad = tokens.clone()
+    bad[1, 2], bad[1, 4] = V + 2, -7
+    message = rf"^tokens must hold ids in \[0, {V}\) or ignore_index=-100, got {V + 2}$"
+    calls = {
+        "token_stats": lambda: ak.token_stats(logits, bad),
+        "token_stats_forward": lambda: token_stats_forward(logits, bad),
+        "linear_token_stats": lambda: ak.linear_token_stats(hidden, head, bad),
+        "branching_score": lambda: ak.branching_score(logits, bad, behavior, mask),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=message) as error:
+            call()
+        assert error.value.__context__ is None and error.value.__cause__ is None, name
+
+
+def test_parameters_take_the_direct_path(gen, monkeypatch):
+    """An LM head's weight is a ``torch.nn.Parameter``: ``linear_token_stats`` on it still runs
+    the implementation directly, with the custom op's values and gradients."""
+    _, tokens, _, _ = _inputs(gen)
+    hidden = torch.randn(B, T, H, generator=gen)
+    head = torch.randn(V, H, generator=gen)
+
+    def run():
+        leaves = [hidden.clone().requires_grad_(), torch.nn.Parameter(head.clone())]
+        logprob, entropy = ak.linear_token_stats(*leaves, tokens)
+        (logprob.sum() + 0.5 * entropy.sum()).backward()
+        return [logprob, entropy, *(leaf.grad for leaf in leaves)]
+
+    with CustomOpCalls() as calls:
+        through_op = run()
+    assert "linear_token_stats_bwd" in calls.names
+    called = spy_on_custom_ops(monkeypatch)
+    for a, b in zip(run(), through_op, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert called == []
 
 
 def test_range_check_with_ignore_index_inside_the_vocabulary():

@@ -5,6 +5,8 @@ Shapes are small and the Triton chunk width is forced small (``_block_v=16``) so
 multi-chunk, rescaling and vocabulary-split paths run at small V under the interpreter.
 """
 
+import sys
+
 import pytest
 import torch
 from aot import ARCHS, KernelCase, compile_kernels
@@ -96,6 +98,48 @@ def test_custom_ignore_index(backend, gen):
     out = token_stats(logits, tokens, ignore_index=-1, _block_v=SMALL_BLOCK)
     assert_stats_close(out, logits, tokens, ignore_index=-1)
     assert (out.logprob[[1, 4]] == 0).all() and (out.entropy[[1, 4]] > 0).all()
+
+
+def test_ignore_index_inside_the_vocabulary(backend, gen):
+    """An ignore_index that is also a valid id: its rows get logprob 0 on every path, and an id
+    outside the vocabulary (-100 is not the ignore_index here) is still refused."""
+    logits, tokens = random_case(gen, (7,), 20, torch.float32, ignore_every=None)
+    tokens[[1, 5]] = 3
+    out = token_stats(logits, tokens, ignore_index=3, _block_v=SMALL_BLOCK)
+    assert_stats_close(out, logits, tokens, ignore_index=3)
+    assert (out.logprob[tokens == 3] == 0).all() and (out.logprob[tokens != 3] < 0).all()
+    tokens[4] = -100
+    with pytest.raises(ValueError, match=r"tokens must hold ids in \[0, 20\) .*=3, got -100"):
+        token_stats(logits, tokens, ignore_index=3)
+
+
+def test_pytorch_path_in_several_chunks(monkeypatch, gen):
+    """The PyTorch path with its chunk budget shrunk to 3 rows gives what one chunk gives, for
+    two-level strided rows and for [N, V] rows, with -inf, NaN and ignored rows and a
+    temperature, forward and backward; a bad id is named whichever chunk it is in."""
+    monkeypatch.setenv("APPO_KERNELS_BACKEND", "torch")
+    module = sys.modules["appo_kernels.token_stats"]
+    base, tokens = random_case(gen, (3, 8), 19, torch.float32)
+    base[0, 2, :5] = float("-inf")
+    base[1, 4, 7] = float("nan")
+    two_levels, rows = (base[:, :-1], tokens[:, 1:]), (base.view(-1, 19), tokens.view(-1))
+    for logits, ids in (two_levels, rows):
+        results = []
+        for budget in (module._TORCH_CHUNK_BYTES, 3 * 19 * 4):
+            monkeypatch.setattr(module, "_TORCH_CHUNK_BYTES", budget)
+            leaf = logits.detach().clone().requires_grad_()
+            out = token_stats(leaf, ids, temperature=0.7)
+            (out.logprob.nan_to_num().sum() + 0.3 * out.entropy.nan_to_num().sum()).backward()
+            results.append((*out, leaf.grad))
+        for got, want in zip(*results, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, equal_nan=True)
+        finite = ~logits.isnan().any(-1)
+        chunked = TokenStats(results[1][0][finite], results[1][1][finite])
+        assert_stats_close(chunked, logits[finite], ids[finite], temperature=0.7)
+    bad = tokens[:, 1:].clone()
+    bad[2, 4], bad[2, 6] = 40, 50  # in the last two of nine chunks (3 levels of 7 rows)
+    with pytest.raises(ValueError, match="got 40"):
+        token_stats(base[:, :-1], bad)
 
 
 def test_strided_views(backend, gen):
