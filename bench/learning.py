@@ -360,30 +360,52 @@ def plot(table: dict, path: Path, title: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--setting", choices=tuple(SETTINGS), default="cpu")
-    parser.add_argument("--seeds", type=int, default=5, help="seeds 0 .. N-1")
+    parser.add_argument("--seeds", type=int, default=5, help="how many seeds")
+    parser.add_argument("--first-seed", type=int, default=0, help="the seeds are K .. K+N-1")
     parser.add_argument("--algos", default=",".join(ALGOS), help="comma-separated")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", default="bench/results", help="folder for the PNG, .md, .json")
+    parser.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="JSON",
+        help="train nothing: tabulate the runs of these learning_<setting>.json files (of the "
+        "same setting, e.g. seeds run in separate processes) together",
+    )
     args = parser.parse_args(argv)
     algos = args.algos.split(",")
-    if args.seeds < 1 or not set(algos) <= set(ALGOS):
-        parser.error(f"--seeds must be >= 1 and --algos a subset of {ALGOS}")
+    if args.seeds < 1 or args.first_seed < 0 or not set(algos) <= set(ALGOS):
+        parser.error(f"--seeds must be >= 1, --first-seed >= 0, --algos a subset of {ALGOS}")
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
     if args.threads:
         torch.set_num_threads(args.threads)
     setting, device = SETTINGS[args.setting], torch.device(args.device)
-    started = time.perf_counter()
-    runs = compare(setting, range(args.seeds), algos, device)
+    threads = {torch.get_num_threads()}
+    if args.combine:
+        runs, threads = [], set()
+        for path in args.combine:
+            saved = json.loads(Path(path).read_text())
+            if saved["setting"] != asdict(setting):
+                parser.error(f"{path} is not of setting {args.setting!r}")
+            runs += saved["runs"]
+            threads.add(saved["threads"])
+        runs.sort(key=lambda run: (run["seed"], ALGOS.index(run["algo"])))
+    else:
+        runs = compare(setting, seeds, algos, device)
     table = summarise(runs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"learning_{args.setting}"
     import transformers
 
+    run_seeds = sorted({run["seed"] for run in runs})
     header = [
         f"`python bench/learning.py {' '.join(argv if argv is not None else sys.argv[1:])}`: "
-        f"{len(runs)} runs in {time.perf_counter() - started:.0f} s on {device} "
-        f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
+        f"{len(runs)} runs (seeds {run_seeds}), "
+        f"{sum(run['wall_s'] for run in runs):.0f} s of RL in all, on {device} "
+        f"({platform.processor() or platform.machine()}, {'/'.join(map(str, sorted(threads)))} "
+        "threads per process), "
         f"torch {torch.__version__}, transformers {transformers.__version__}.",
         f"Setting: {json.dumps(asdict(setting))}.",
         "Every algorithm starts from the same cold-started checkpoint per seed and trains on the "
@@ -391,7 +413,9 @@ def main(argv=None) -> int:
         "counts only the tokens it samples itself).",
     ]
     stem.with_suffix(".md").write_text(markdown(args.setting, setting, table, header))
-    stem.with_suffix(".json").write_text(json.dumps({"setting": asdict(setting), "runs": runs}))
+    stem.with_suffix(".json").write_text(
+        json.dumps({"setting": asdict(setting), "threads": max(threads), "runs": runs})
+    )
     plot(table, stem.with_suffix(".png"), f"{args.setting}: held-out accuracy vs policy tokens")
     print(stem.with_suffix(".md").read_text())
     return 0

@@ -25,8 +25,18 @@ def bench():
 
 
 def test_learning_bench_end_to_end(bench, tmp_path, capsys):
-    assert bench.main(["--setting", "tiny", "--seeds", "2", "--out", str(tmp_path)]) == 0
+    """Two seeds run as two parts (as separate processes would), then tabulated together."""
+    for seed in (1, 0):
+        out = str(tmp_path / f"part{seed}")
+        argv = ["--setting", "tiny", "--seeds", "1", "--first-seed", str(seed), "--out", out]
+        assert bench.main(argv) == 0
+    parts = [str(tmp_path / f"part{seed}" / "learning_tiny.json") for seed in (1, 0)]
+    capsys.readouterr()
+    assert bench.main(["--setting", "tiny", "--combine", *parts, "--out", str(tmp_path)]) == 0
+    with pytest.raises(SystemExit):  # parts of another setting are refused
+        bench.main(["--setting", "cpu", "--combine", parts[0], "--out", str(tmp_path)])
     runs = json.loads((tmp_path / "learning_tiny.json").read_text())["runs"]
+    assert [(r["seed"], r["algo"]) for r in runs] == [(s, a) for s in (0, 1) for a in ALGOS]
     assert sorted((r["algo"], r["seed"]) for r in runs) == sorted(
         (algo, seed) for algo in ALGOS for seed in (0, 1)
     )
