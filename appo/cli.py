@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_flag("b", int, "branch budget per prompt (GRPO: extra rollouts)")
     config_flag("lr", float, "AdamW learning rate of the RL updates")
     p.add_argument(
-        "--cold-start-steps", type=_count(0), default=4, help="supervised steps on demonstrations"
+        "--cold-start-steps", type=_count(0), default=8, help="supervised steps on demonstrations"
     )
     config_flag("cold_start_lr", float, "AdamW learning rate of the cold start")
     config_flag("max_new_tokens", int, "policy tokens per rollout")

@@ -31,7 +31,7 @@ class TrainConfig:
     prompts_per_step: int = 2
     n: int = 4
     b: int = 2
-    lr: float = 2e-5
+    lr: float = 5e-6
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     max_new_tokens: int = 64
@@ -39,7 +39,7 @@ class TrainConfig:
     keep_selected_token: bool = False
     train_branches: bool = False
     kl_coef: float = 0.0
-    cold_start_lr: float = 1e-4
+    cold_start_lr: float = 5e-5
     cold_start_batch: int = 4
     seed: int = 0
     block_size: int = 16
@@ -47,7 +47,7 @@ class TrainConfig:
     # (mini-batches of the trained rows) per rollout batch.
     ppo_minibatches: int = 4
     # The behaviour policy (appo/sampler.py): its weights' dtype and lag (in training steps).
-    sampler_dtype: str = "bfloat16"
+    sampler_dtype: str = "bfloat16-weights"
     sampler_lag: int = 0
     # Where the APPO paper's code differs from the design's formulas (docs/design.md, 15).
     clamp_kl: bool = True  # k3 KL per token clamped to [-10, 10] (verl, the paper's code)
