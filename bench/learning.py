@@ -82,8 +82,8 @@ SETTINGS = {
         cold_start_lr=2e-3,
         cold_start_batch=8,
         cold_start_target=0.3,
-        budget=64_000,
-        evals=8,
+        budget=32_000,
+        evals=4,
         eval_prompts=96,
         train=dict(
             prompts_per_step=4, n=4, b=2, lr=1e-4, max_new_tokens=48, sampler_dtype="bfloat16"
@@ -95,8 +95,8 @@ SETTINGS = {
         cold_start_lr=2e-3,
         cold_start_batch=8,
         cold_start_target=0.3,
-        budget=64_000,
-        evals=8,
+        budget=32_000,
+        evals=4,
         eval_prompts=96,
         train=dict(
             prompts_per_step=4, n=8, b=4, lr=1e-4, max_new_tokens=48, sampler_dtype="bfloat16"
@@ -237,15 +237,36 @@ def run_algorithm(setting, algo, seed, model, tokenizer, heldout, start) -> dict
     }
 
 
-def compare(setting: Setting, seeds, algos, device, progress=print) -> list[dict]:
+def cold_started(setting: Setting, seed: int, device, cache: Path | None):
+    """``(model, tokenizer, cold-start steps)`` of ``seed``; with ``cache``, the checkpoint is
+    kept there and reused by any setting with the same model and cold start (``cpu`` and
+    ``cpu-wide`` share theirs)."""
+    model, tokenizer = build_model(setting, seed, device)
+    fields = ("model", "hidden_size", "num_layers", "cold_start_steps", "cold_start_lr")
+    fields += ("cold_start_batch", "cold_start_target")
+    key = "-".join(str(getattr(setting, name)) for name in fields)
+    path = None if cache is None else cache / f"{key}-seed{seed}.pt"
+    if path is not None and path.exists():
+        saved = torch.load(path, map_location=device)
+        model.load_state_dict(saved["weights"])
+        return model, tokenizer, saved["steps"]
+    teacher = Trainer(model, tokenizer, train_config(setting, ALGOS[0], seed))
+    steps = cold_start(setting, teacher, seed)
+    del teacher
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"weights": model.state_dict(), "steps": steps}, path)
+    return model, tokenizer, steps
+
+
+def compare(setting: Setting, seeds, algos, device, progress=print, cache=None) -> list[dict]:
     heldout = make_tasks(HELDOUT_SEED, setting.eval_prompts, "heldout")
     runs = []
     for seed in seeds:
-        model, tokenizer = build_model(setting, seed, device)
-        teacher = Trainer(model, tokenizer, train_config(setting, ALGOS[0], seed))
-        steps = cold_start(setting, teacher, seed)
-        start = evaluation_point(teacher, heldout, 0)
-        del teacher
+        model, tokenizer, steps = cold_started(setting, seed, device, cache)
+        start = evaluation_point(
+            Trainer(model, tokenizer, train_config(setting, ALGOS[0], seed)), heldout, 0
+        )
         weights = copy.deepcopy(model.state_dict())
         progress(
             f"seed {seed}: held-out accuracy {start['accuracy']:.3f} after {steps} cold-start steps"
@@ -367,6 +388,11 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", default="bench/results", help="folder for the PNG, .md, .json")
     parser.add_argument(
+        "--checkpoints",
+        default=None,
+        help="folder that keeps each seed's cold-started checkpoint for reuse (default: none)",
+    )
+    parser.add_argument(
         "--combine",
         nargs="+",
         metavar="JSON",
@@ -392,7 +418,8 @@ def main(argv=None) -> int:
             threads.add(saved["threads"])
         runs.sort(key=lambda run: (run["seed"], ALGOS.index(run["algo"])))
     else:
-        runs = compare(setting, seeds, algos, device)
+        cache = None if args.checkpoints is None else Path(args.checkpoints)
+        runs = compare(setting, seeds, algos, device, cache=cache)
     table = summarise(runs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

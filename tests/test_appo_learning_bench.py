@@ -29,13 +29,18 @@ def test_learning_bench_end_to_end(bench, tmp_path, capsys):
     for seed in (1, 0):
         out = str(tmp_path / f"part{seed}")
         argv = ["--setting", "tiny", "--seeds", "1", "--first-seed", str(seed), "--out", out]
-        assert bench.main(argv) == 0
+        assert bench.main([*argv, "--checkpoints", str(tmp_path / "checkpoints")]) == 0
+    assert len(list((tmp_path / "checkpoints").glob("*-seed[01].pt"))) == 2
+    again = ["--setting", "tiny", "--seeds", "1", "--algos", "grpo", "--out", str(tmp_path / "a")]
+    assert bench.main([*again, "--checkpoints", str(tmp_path / "checkpoints")]) == 0  # reused
     parts = [str(tmp_path / f"part{seed}" / "learning_tiny.json") for seed in (1, 0)]
     capsys.readouterr()
     assert bench.main(["--setting", "tiny", "--combine", *parts, "--out", str(tmp_path)]) == 0
     with pytest.raises(SystemExit):  # parts of another setting are refused
         bench.main(["--setting", "cpu", "--combine", parts[0], "--out", str(tmp_path)])
+    reused = json.loads((tmp_path / "a" / "learning_tiny.json").read_text())["runs"][0]
     runs = json.loads((tmp_path / "learning_tiny.json").read_text())["runs"]
+    assert reused["curve"][0] == runs[0]["curve"][0]  # the same cold-started seed-0 checkpoint
     assert [(r["seed"], r["algo"]) for r in runs] == [(s, a) for s in (0, 1) for a in ALGOS]
     assert sorted((r["algo"], r["seed"]) for r in runs) == sorted(
         (algo, seed) for algo in ALGOS for seed in (0, 1)
