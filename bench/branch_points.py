@@ -21,7 +21,7 @@ Per rule:
 
 Numbers are means over seeds with 95% t-intervals. Settings: ``cpu`` (the task Llama of
 ``bench/learning.py``, cold-started to 30% validation accuracy), ``smollm2`` (SmolLM2-135M after
-``appo-train``'s default cold start), ``tiny`` (the tests').
+``appo-train``'s default cold start of seed 0), ``tiny`` (the tests').
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 from learning import SETTINGS as LEARNING_SETTINGS
-from learning import build_model, cold_start, interval
+from learning import build_model, cold_started, interval
 
 from appo.branching import RULES, plan_branches
 from appo.config import TrainConfig
@@ -64,7 +64,7 @@ class Setting:
 
 SETTINGS = {
     "cpu": Setting("cpu", None, prompts=16, n=4, budget=2, k=4, max_new_tokens=48),
-    "smollm2": Setting("gpu", 4, prompts=8, n=4, budget=2, k=4, max_new_tokens=64),
+    "smollm2": Setting("gpu", 8, prompts=8, n=4, budget=2, k=4, max_new_tokens=64),
     "tiny": Setting("tiny", None, prompts=2, n=2, budget=1, k=2, max_new_tokens=12),
 }
 
@@ -80,27 +80,27 @@ def call_token_flags(tokenizer, tokens: list[int]) -> list[bool]:
     return flags
 
 
-def checkpoint(setting: Setting, seed: int, device):
-    """``(trainer, cold-start steps)``: the setting's model after its cold start for ``seed``."""
+def checkpoint(setting: Setting, seed: int, device, cache=None):
+    """``(trainer, cold-start steps)``: the setting's model after its cold start for ``seed``:
+    ``bench/learning.py``'s (kept in and reused from ``cache`` when given), or ``appo-train``'s
+    (``cold_start_steps`` on the demonstrations of ``seed``, the trainer's defaults)."""
     learning = LEARNING_SETTINGS[setting.learning]
-    model, tokenizer = build_model(learning, seed, device)
     config = TrainConfig(
         seed=seed,
         n=setting.n,
         b=setting.budget,
         prompts_per_step=setting.prompts,
         max_new_tokens=setting.max_new_tokens,
-        cold_start_lr=learning.cold_start_lr if setting.cold_start_steps is None else 1e-4,
-        cold_start_batch=learning.cold_start_batch if setting.cold_start_steps is None else 4,
+        sampler_dtype=learning.train.get("sampler_dtype", TrainConfig.sampler_dtype),
     )
     concurrent = setting.prompts * setting.n * (1 + setting.budget * setting.k)
-    trainer = Trainer(model, tokenizer, config, max_concurrent=concurrent)
     if setting.cold_start_steps is None:
-        steps = cold_start(learning, trainer, seed)
-    else:
-        steps = setting.cold_start_steps
-        tasks = make_tasks(seed + 1, steps * config.cold_start_batch, "train")
-        trainer.cold_start(tasks, steps)
+        model, tokenizer, steps = cold_started(learning, seed, device, cache)
+        return Trainer(model, tokenizer, config, max_concurrent=concurrent), steps
+    model, tokenizer = build_model(learning, seed, device)
+    trainer = Trainer(model, tokenizer, config, max_concurrent=concurrent)
+    steps = setting.cold_start_steps
+    trainer.cold_start(make_tasks(seed + 1, steps * config.cold_start_batch, "train"), steps)
     return trainer, steps
 
 
@@ -265,6 +265,11 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", default="bench/results", help="folder for the PNG, .md, .json")
+    parser.add_argument(
+        "--checkpoints",
+        default=None,
+        help="bench/learning.py's folder of cold-started checkpoints, to reuse (default: none)",
+    )
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")
@@ -272,7 +277,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     setting, device = SETTINGS[args.setting], torch.device(args.device)
     started = time.perf_counter()
-    trainer, cold_start_steps = checkpoint(setting, CHECKPOINT_SEED, device)
+    cache = None if args.checkpoints is None else Path(args.checkpoints)
+    trainer, cold_start_steps = checkpoint(setting, CHECKPOINT_SEED, device, cache)
     seeds = []
     for seed in range(args.seeds):
         seeds.append(measure_seed(setting, trainer, seed))
