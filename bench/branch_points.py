@@ -15,9 +15,9 @@ Per rule:
   points (negative: the points sit on rollouts that were right, and re-sampling breaks them);
 * where points land: mean position in the response (in tokens, and as a fraction of the
   parent's length), the share on tool-call tokens (inside ``<lookup>…</lookup>`` or
-  ``<calc>…</calc>``), the share on the first sampled token after a tool result, and the share
-  the rule would put on the response's first token if it were a candidate (it is not: a branch
-  there shares no prefix with its parent).
+  ``<calc>…</calc>``), the share on the first candidate after a tool result (where ARPO forks),
+  and the share the rule would put on the response's first token if it were a candidate (it is
+  not: a branch there shares no prefix with its parent).
 
 Numbers are means over seeds with 95% t-intervals. Settings: ``cpu`` (the task Llama of
 ``bench/learning.py``, cold-started to 30% validation accuracy), ``smollm2`` (SmolLM2-135M after
@@ -123,6 +123,7 @@ def measure_seed(setting: Setting, trainer: Trainer, seed: int) -> dict:
         result["initial_reward"] = statistics.fmean(rewards)
         on_call = [call_token_flags(tokenizer, r.tokens) for r in initial]
         candidates = trainer.branch_candidates(batch)
+        first_after_result = first_candidates_after_results(initial, candidates)
         with_first = candidates.clone()
         with_first[:, 0] = batch.policy_mask[:, 0] & ~trainer.whitespace[batch.tokens[:, 0]]
         group_ids = torch.tensor(groups, device=trainer.device)
@@ -151,7 +152,14 @@ def measure_seed(setting: Setting, trainer: Trainer, seed: int) -> dict:
                 trainer.reward_fn(tasks[b.group], tokenizer.decode(b.tokens)) for b in branches
             ]
             result["rules"][rule] = summarise_rule(
-                setting, initial, rewards, points, branch_rewards, on_call, first_allowed
+                setting,
+                initial,
+                rewards,
+                points,
+                branch_rewards,
+                on_call,
+                first_allowed,
+                first_after_result,
             )
     finally:
         trainer.engine.release(initial)
@@ -163,7 +171,24 @@ def _mean(values) -> float:
     return statistics.fmean(values) if values else math.nan
 
 
-def summarise_rule(setting, initial, rewards, points, branch_rewards, on_call, first_allowed):
+def first_candidates_after_results(rollouts, candidates: torch.Tensor) -> list[set[int]]:
+    """Per rollout: the positions of the first candidate after each tool result."""
+    firsts = []
+    for row, rollout in enumerate(rollouts):
+        allowed, found, waiting = candidates[row].tolist(), set(), False
+        for position, observed in enumerate(rollout.is_observation):
+            if observed:
+                waiting = True
+            elif waiting and allowed[position]:
+                found.add(position)
+                waiting = False
+        firsts.append(found)
+    return firsts
+
+
+def summarise_rule(
+    setting, initial, rewards, points, branch_rewards, on_call, first_allowed, first_after_result
+):
     k = setting.k
     parents = [rewards[row] for row, _ in points]
     per_point = [branch_rewards[i * k : (i + 1) * k] for i in range(len(points))]
@@ -176,7 +201,7 @@ def summarise_rule(setting, initial, rewards, points, branch_rewards, on_call, f
         "position": _mean(p for _, p in points),
         "relative_position": _mean(p / len(initial[r].tokens) for r, p in points),
         "on_tool_call": _mean(on_call[r][p] for r, p in points),
-        "after_tool_result": _mean(p > 0 and initial[r].is_observation[p - 1] for r, p in points),
+        "after_tool_result": _mean(p in first_after_result[r] for r, p in points),
         "at_first_token_if_allowed": _mean(p == 0 for _, p in first_allowed),
         "positions": [p for _, p in points],
     }
@@ -189,7 +214,7 @@ COLUMNS = (
     ("position", "position (tokens)"),
     ("relative_position", "position / length"),
     ("on_tool_call", "on a tool call"),
-    ("after_tool_result", "first token after a tool result"),
+    ("after_tool_result", "first candidate after a tool result"),
     ("at_first_token_if_allowed", "at token 0 if allowed"),
 )
 

@@ -39,6 +39,8 @@ def test_branch_points_bench_end_to_end(bench, tmp_path, capsys):
                 continue
             for key in ("reward_changed", "informative_points", "on_tool_call"):
                 assert 0.0 <= row[key] <= 1.0, (rule, key)
+            if rule == "arpo":  # by its definition, always the first candidate after a result
+                assert row["after_tool_result"] == 1.0
     table = (tmp_path / "branch_points_tiny.md").read_text()
     assert all(f"| {rule} |" in table for rule in RULES)
     assert table in capsys.readouterr().out
