@@ -226,6 +226,7 @@ def summary(run) -> dict:
     return {
         "rank": run.accelerator.process_index,
         "points": [list(zip(r.plan["rows"], r.plan["points"])) for r in run.rounds],
+        "scores": [r.plan["scores"] for r in run.rounds],
         "rewards": [r.credit["rewards"].tolist() for r in run.rounds],
         "advantages": [r.credit["advantages"].tolist() for r in run.rounds],
         "completions": [r.initial.completion_ids for r in run.rounds],
@@ -248,13 +249,16 @@ def main(argv: list[str] | None = None) -> None:
         # plain SGD: Adam's first step is sign(gradient) * lr, which turns the rounding
         # differences between a two-process gradient average and a one-process gradient on
         # near-zero gradients into lr-sized weight differences (and so into different bf16
-        # samples); with SGD the runs' weights differ by rounding only
+        # samples); with SGD the runs' weights differ by rounding only. The sampler computes in
+        # float32 on bf16-rounded weights: a bf16 forward's logits depend on the batch it runs in
+        # (its reductions round differently), and one process's branch batch is not two's
         run = trainer(
             output_dir,
             per_device_train_batch_size=args.per_device,
             max_steps=args.steps,
             optim="sgd",
             learning_rate=0.1,
+            sampler_dtype="bfloat16-weights",
         )
         run.train()
     rank = int(os.environ.get("RANK", "0"))
