@@ -41,7 +41,7 @@ import platform
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -75,33 +75,21 @@ class Setting:
     num_layers: int = 3
 
 
+CPU = Setting(
+    model="task-llama",
+    cold_start_steps=1000,
+    cold_start_lr=2e-3,
+    cold_start_batch=8,
+    cold_start_target=0.3,
+    budget=32_000,
+    evals=4,
+    eval_prompts=96,
+    train=dict(prompts_per_step=4, n=4, b=2, lr=1e-4, max_new_tokens=48, sampler_dtype="bfloat16"),
+)
 SETTINGS = {
-    "cpu": Setting(
-        model="task-llama",
-        cold_start_steps=1000,
-        cold_start_lr=2e-3,
-        cold_start_batch=8,
-        cold_start_target=0.3,
-        budget=32_000,
-        evals=4,
-        eval_prompts=96,
-        train=dict(
-            prompts_per_step=4, n=4, b=2, lr=1e-4, max_new_tokens=48, sampler_dtype="bfloat16"
-        ),
-    ),
-    "cpu-wide": Setting(
-        model="task-llama",
-        cold_start_steps=1000,
-        cold_start_lr=2e-3,
-        cold_start_batch=8,
-        cold_start_target=0.3,
-        budget=32_000,
-        evals=4,
-        eval_prompts=96,
-        train=dict(
-            prompts_per_step=4, n=8, b=4, lr=1e-4, max_new_tokens=48, sampler_dtype="bfloat16"
-        ),
-    ),
+    "cpu": CPU,
+    # the same model, cold start and budget with room to branch: N = 8, B = 4
+    "cpu-wide": replace(CPU, train={**CPU.train, "n": 8, "b": 4}),
     "gpu": Setting(
         model="smollm2",
         cold_start_steps=64,
